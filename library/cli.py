@@ -1,0 +1,32 @@
+"""What every entry script runs: parse the flags for a family and mode, train, report errors.
+
+A UserError (bad config, missing file, wrong checkpoint) is printed as one line on stderr and the
+process exits with code 2, without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from library.errors import USER_ERROR_EXIT_CODE, UserError
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run_training(family_name: str, mode: str, argv: list[str] | None = None) -> None:
+    from library.families import get_family
+
+    setup_logging()
+    family = get_family(family_name)
+    try:
+        from library.config.arguments import parse_training_args
+        from library.training.trainer import Trainer
+
+        args = parse_training_args(family, mode, argv)
+        Trainer(family, mode, args).train()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)

@@ -1,0 +1,118 @@
+"""Builds the command line of a training script from each module's argument group.
+
+Flag names and meanings follow sd-scripts so users' commands and `--config_file` files carry over.
+This module owns the general training flags (output, saving, steps, precision, logging, resume) and
+composes them with the groups owned elsewhere: dataset (config/dataset_args.py), caching
+(data/dataset.py), noise and loss (training/noise.py), optimizer and LR schedule, the family's own
+flags, and either the network flags (networks/network_arguments.py) or the full fine-tune flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from library.errors import UserError
+
+TRAINING_MODES = ("network", "full")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output and saving")
+    group.add_argument("--output_dir", required=True, help="folder for the trained files")
+    group.add_argument("--output_name", default="last", help="base name of the trained files")
+    group.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default=None,
+                       help="dtype of saved weights (default: float32)")
+    group.add_argument("--save_every_n_steps", type=int, default=None)
+    group.add_argument("--save_every_n_epochs", type=int, default=None)
+    group.add_argument("--save_last_n_steps", type=int, default=None,
+                       help="keep only the step saves of the last N steps")
+    group.add_argument("--save_last_n_epochs", type=int, default=None,
+                       help="keep only the last N epoch saves")
+    group.add_argument("--save_state", action="store_true",
+                       help="also save a resumable state folder with every save and at the end")
+    group.add_argument("--save_state_on_train_end", action="store_true",
+                       help="save a resumable state folder at the end only")
+    group.add_argument("--resume", default=None,
+                       help="state folder to resume from, or `latest` for the newest in --output_dir")
+
+
+def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training loop")
+    group.add_argument("--max_train_steps", type=int, default=1600)
+    group.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--seed", type=int, default=None)
+    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    group.add_argument("--full_fp16", action="store_true", help="train fp16 weights (no fp32 master copy)")
+    group.add_argument("--full_bf16", action="store_true", help="train bf16 weights (no fp32 master copy)")
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--logging_dir", default=None, help="TensorBoard log folder (enables logging)")
+    group.add_argument("--log_with", choices=["tensorboard"], default=None)
+    group.add_argument("--log_prefix", default=None, help="prefix of the run folder under --logging_dir")
+    group.add_argument("--loss_log_every", type=int, default=None,
+                       help="log the mean loss every N steps (default: ten lines per run)")
+    group.add_argument("--config_file", default=None, help="TOML file holding any of these arguments")
+
+
+def add_full_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("full fine-tuning")
+    group.add_argument("--train_text_encoder", action="store_true", help="also train the text encoder(s)")
+    group.add_argument("--learning_rate_te", type=float, default=None,
+                       help="learning rate of the text encoder (default: --learning_rate)")
+    group.add_argument("--save_model_as", choices=["safetensors", "diffusers"], default="safetensors")
+
+
+def validate_general_args(args: argparse.Namespace) -> None:
+    positive = ["max_train_steps", "max_train_epochs", "gradient_accumulation_steps", "save_every_n_steps",
+                "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs", "loss_log_every"]
+    for name in positive:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1 (got {value})")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        raise UserError("--full_fp16 needs --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise UserError("--full_bf16 needs --mixed_precision bf16")
+    if args.log_with and not args.logging_dir:
+        raise UserError("--log_with needs --logging_dir (the folder the logs go to)")
+    if args.save_last_n_steps and not args.save_every_n_steps:
+        raise UserError("--save_last_n_steps needs --save_every_n_steps")
+    if args.save_last_n_epochs and not args.save_every_n_epochs:
+        raise UserError("--save_last_n_epochs needs --save_every_n_epochs")
+
+
+def build_parser(family, mode: str) -> argparse.ArgumentParser:
+    from library.config.dataset_args import add_dataset_arguments
+    from library.data.dataset import add_caching_arguments
+    from library.training.lr_schedulers import add_lr_scheduler_arguments
+    from library.training.noise import add_noise_arguments
+    from library.training.optimizers import add_optimizer_arguments
+
+    what = "a LoRA" if mode == "network" else "a full fine-tune"
+    parser = argparse.ArgumentParser(description=f"Train {what} of a {family.display_name} model.")
+    add_output_arguments(parser)
+    add_training_loop_arguments(parser)
+    family.add_arguments(parser)
+    add_dataset_arguments(parser)
+    add_caching_arguments(parser)
+    add_noise_arguments(parser)
+    add_optimizer_arguments(parser)
+    add_lr_scheduler_arguments(parser)
+    if mode == "network":
+        from networks.network_arguments import add_network_arguments
+
+        add_network_arguments(parser)
+    else:
+        add_full_finetune_arguments(parser)
+    return parser
+
+
+def parse_training_args(family, mode: str, argv: list[str] | None = None) -> argparse.Namespace:
+    from library.config.config_file import parse_args_with_config_file
+
+    if mode not in TRAINING_MODES:
+        raise ValueError(f"unknown training mode {mode!r}")
+    args = parse_args_with_config_file(build_parser(family, mode), argv)
+    validate_general_args(args)
+    family.validate_args(args)
+    return args

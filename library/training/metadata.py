@@ -1,0 +1,67 @@
+"""Training metadata written into saved files: sd-scripts' `ss_*` keys and the SAI model spec.
+
+A1111/Forge and ComfyUI show these fields (resolution, base model, tags, dim/alpha), so we fill
+them like sd-scripts does; every value is a string because safetensors metadata is str -> str.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+
+def _text(value) -> str:
+    return "None" if value is None else str(value)
+
+
+def training_metadata(args, family, dataset, *, num_batches_per_epoch: int, num_epochs: int,
+                      max_train_steps: int, seed: int, started_at: float) -> dict[str, str]:
+    """The fixed part of the metadata, computed once when training starts."""
+    resolution = dataset.spec.datasets[0].resolution if dataset.spec.datasets else None
+    metadata = {
+        "ss_session_id": str(uuid.uuid4().int % 2**31),
+        "ss_training_started_at": str(started_at),
+        "ss_output_name": args.output_name,
+        "ss_learning_rate": _text(args.learning_rate),
+        "ss_text_encoder_lr": _text(getattr(args, "text_encoder_lr", getattr(args, "learning_rate_te", None))),
+        "ss_unet_lr": _text(getattr(args, "unet_lr", None)),
+        "ss_num_train_images": str(dataset.num_train_images),
+        "ss_num_reg_images": str(dataset.num_reg_images),
+        "ss_num_batches_per_epoch": str(num_batches_per_epoch),
+        "ss_num_epochs": str(num_epochs),
+        "ss_gradient_checkpointing": str(args.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(args.gradient_accumulation_steps),
+        "ss_max_train_steps": str(max_train_steps),
+        "ss_lr_warmup_steps": _text(args.lr_warmup_steps),
+        "ss_lr_scheduler": args.lr_scheduler,
+        "ss_optimizer": args.optimizer_type + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
+        "ss_mixed_precision": args.mixed_precision,
+        "ss_full_fp16": str(args.full_fp16),
+        "ss_full_bf16": str(args.full_bf16),
+        "ss_seed": str(seed),
+        "ss_noise_offset": _text(args.noise_offset),
+        "ss_min_snr_gamma": _text(args.min_snr_gamma),
+        "ss_prior_loss_weight": str(args.prior_loss_weight),
+        "ss_sd_model_name": os.path.basename(str(args.pretrained_model_name_or_path)),
+        "ss_base_model_version": family.base_model_version,
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})" if resolution else "None",
+        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
+        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs_summary()),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": args.output_name,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}" if resolution else "",
+    }
+    for name in ("clip_skip", "max_token_length", "v2", "v_parameterization"):
+        if hasattr(args, name):
+            metadata[f"ss_{name}"] = _text(getattr(args, name))
+    return metadata
+
+
+def save_time_metadata(base: dict[str, str], *, step: int, epoch: int, architecture: str) -> dict[str, str]:
+    """Per-save additions: where training was when this file was written."""
+    return {**base, "ss_steps": str(step), "ss_epoch": str(epoch),
+            "ss_training_finished_at": str(time.time()), "modelspec.architecture": architecture}

@@ -1,0 +1,101 @@
+"""The two training modes: a network (LoRA) on frozen weights, or a full fine-tune.
+
+A mode decides which weights train, builds their optimizer parameter groups, and writes the
+trained result. The trainer treats both alike through `prepare`, `trainable_modules`,
+`trains_text_encoder`, `save` and `save_extension`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def freeze(module) -> None:
+    if module is not None:
+        module.requires_grad_(False)
+
+
+class NetworkMode:
+    """Trains a network module (networks.lora by default) attached to frozen model weights."""
+
+    save_extension = ".safetensors"
+
+    def __init__(self, family, args):
+        self.family, self.args = family, args
+        if args.network_train_unet_only and args.network_train_text_encoder_only:
+            raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+        self.trains_denoiser = not args.network_train_text_encoder_only
+        self.trains_text_encoder = not args.network_train_unet_only
+        self.network = None
+
+    def _network_module(self):
+        try:
+            return importlib.import_module(self.args.network_module)
+        except ModuleNotFoundError as e:
+            raise UserError(f"--network_module {self.args.network_module}: no such module ({e})") from e
+
+    def prepare(self, components) -> list[dict]:
+        from networks.network_arguments import parse_network_args
+
+        args = self.args
+        for part in [components.denoiser, components.vae, *components.text_encoders]:
+            freeze(part)
+        self.network = self._network_module().create_network(
+            self.family.lora_targets(components), network_dim=args.network_dim, network_alpha=args.network_alpha,
+            network_dropout=args.network_dropout, network_args=parse_network_args(args.network_args),
+            train_unet=self.trains_denoiser, train_text_encoder=self.trains_text_encoder,
+        )
+        if args.network_weights:
+            self.network.load_weights(args.network_weights)
+            logger.info("continuing from network weights %s", args.network_weights)
+        self.network.apply_to()
+        return self.network.prepare_optimizer_params(args.unet_lr, args.text_encoder_lr, args.learning_rate)
+
+    def trainable_modules(self, components) -> list:
+        return [self.network]
+
+    def replace_prepared(self, prepared: list) -> None:
+        self.network = prepared[0]
+
+    def save(self, components, path: str, dtype, metadata: dict) -> None:
+        network = self.network.module if hasattr(self.network, "module") else self.network
+        network.save_weights(path, dtype, metadata)
+
+
+class FullFineTuneMode:
+    """Trains the denoiser's weights (and the text encoders' with --train_text_encoder)."""
+
+    def __init__(self, family, args):
+        self.family, self.args = family, args
+        self.trains_denoiser = True
+        self.trains_text_encoder = bool(args.train_text_encoder)
+        self.save_extension = ".safetensors" if args.save_model_as == "safetensors" else ""
+
+    def prepare(self, components) -> list[dict]:
+        freeze(components.vae)
+        components.denoiser.requires_grad_(True)
+        groups = [{"params": [p for p in components.denoiser.parameters()], "lr": self.args.learning_rate}]
+        for encoder in components.text_encoders:
+            encoder.requires_grad_(self.trains_text_encoder)
+            if self.trains_text_encoder:
+                lr = self.args.learning_rate_te if self.args.learning_rate_te is not None else self.args.learning_rate
+                groups.append({"params": list(encoder.parameters()), "lr": lr})
+        return groups
+
+    def trainable_modules(self, components) -> list:
+        return [components.denoiser] + (list(components.text_encoders) if self.trains_text_encoder else [])
+
+    def replace_prepared(self, prepared: list) -> None:
+        pass  # the components keep the unwrapped modules; accelerate wraps only for distribution
+
+    def save(self, components, path: str, dtype, metadata: dict) -> None:
+        self.family.save_full_model(components, path, self.args.save_model_as, dtype, metadata)
+
+
+def make_mode(name: str, family, args):
+    return NetworkMode(family, args) if name == "network" else FullFineTuneMode(family, args)
