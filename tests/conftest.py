@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny models and small image folders built locally, never downloaded."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_folder(tmp_path_factory):
+    from library.models.tiny import save_tiny_sd15_pipeline
+
+    return save_tiny_sd15_pipeline(str(tmp_path_factory.mktemp("tiny_sd15")))
+
+
+@pytest.fixture
+def demo_image_root(tmp_path):
+    """`<tmp>/images/5_shape/*.png` + captions: sd-scripts' train_data_dir convention."""
+    from library.demo import write_demo_images
+
+    return write_demo_images(str(tmp_path / "images"), repeats=1)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one AcceleratorState per process; in-process runs need a fresh one each."""
+    yield
+    if "accelerate.state" not in sys.modules:
+        return
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an entry script as a user would, in a subprocess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO_ROOT}
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
