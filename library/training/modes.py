@@ -7,10 +7,7 @@ trained result. The trainer treats both alike through `prepare`, `trainable_modu
 
 from __future__ import annotations
 
-import importlib
 import logging
-
-from library.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -26,30 +23,24 @@ class NetworkMode:
     save_extension = ".safetensors"
 
     def __init__(self, family, args):
+        from networks.network_arguments import validate_network_args
+
+        validate_network_args(args)
         self.family, self.args = family, args
-        if args.network_train_unet_only and args.network_train_text_encoder_only:
-            raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
-        self.trains_denoiser = not args.network_train_text_encoder_only
-        self.trains_text_encoder = not args.network_train_unet_only
         self.network = None
 
-    def _network_module(self):
-        try:
-            return importlib.import_module(self.args.network_module)
-        except ModuleNotFoundError as e:
-            raise UserError(f"--network_module {self.args.network_module}: no such module ({e})") from e
+    @property
+    def trains_text_encoder(self) -> bool:
+        return bool(self.network.text_encoder_modules) and self.args.text_encoder_lr != 0
 
     def prepare(self, components) -> list[dict]:
-        from networks.network_arguments import parse_network_args
+        from networks.network_arguments import create_network_kwargs, import_network_module
 
         args = self.args
         for part in [components.denoiser, components.vae, *components.text_encoders]:
             freeze(part)
-        self.network = self._network_module().create_network(
-            self.family.lora_targets(components), network_dim=args.network_dim, network_alpha=args.network_alpha,
-            network_dropout=args.network_dropout, network_args=parse_network_args(args.network_args),
-            train_unet=self.trains_denoiser, train_text_encoder=self.trains_text_encoder,
-        )
+        module = import_network_module(args.network_module)
+        self.network = module.create_network(self.family.lora_targets(components), **create_network_kwargs(args))
         if args.network_weights:
             self.network.load_weights(args.network_weights)
             logger.info("continuing from network weights %s", args.network_weights)

@@ -1,0 +1,326 @@
+"""The LoRA network: `create_network` builds one from a family's `LoraTarget`s, `LoRANetwork` trains it.
+
+This is `--network_module networks.lora`. It follows sd-scripts' networks/lora.py in behaviour and
+file format (kohya keys, alpha scaling, conv_dim for 3x3 convolutions, rank/module dropout, LoRA+
+learning-rate ratios) but is family-agnostic: which layers get LoRA and how they are named in files
+comes from the family's targets. The layer adapters live in networks/lora_modules.py and the file
+reading/writing in networks/lora_files.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from library.errors import UserError, did_you_mean
+from library.families.base import LoraTarget
+from networks.lora_files import file_alpha, group_by_module, read_lora_file, save_lora_file
+from networks.lora_modules import FoundLayer, LoRAModule, find_lora_layers
+
+logger = logging.getLogger(__name__)
+
+NETWORK_MODULE_NAME = "networks.lora"
+DEFAULT_NETWORK_DIM = 4  # sd-scripts' LoRA default when --network_dim is not given
+DEFAULT_NETWORK_ALPHA = 1.0
+DEFAULT_CONV_ALPHA = 1.0  # sd-scripts: conv_dim without conv_alpha means conv_alpha 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: --network_dim/--network_alpha/--network_dropout and the --network_args keys
+
+
+def _number(kind: type, low: float, low_inclusive: bool, high: float | None = None) -> Callable[[str, str], float]:
+    bounds = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
+
+    def parse(key: str, text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise UserError(f"--network_args {key}={text}: expected {'an integer' if kind is int else 'a number'}")
+        too_low = value < low if low_inclusive else value <= low
+        if too_low or (high is not None and value >= high):
+            raise UserError(f"--network_args {key}={text}: must be {bounds}")
+        return value
+
+    return parse
+
+
+NETWORK_ARG_PARSERS: dict[str, Callable[[str, str], float]] = {
+    "conv_dim": _number(int, 1, True),
+    "conv_alpha": _number(float, 0, True),
+    "rank_dropout": _number(float, 0, True, 1),
+    "module_dropout": _number(float, 0, True, 1),
+    "loraplus_lr_ratio": _number(float, 0, False),
+    "loraplus_unet_lr_ratio": _number(float, 0, False),
+    "loraplus_text_encoder_lr_ratio": _number(float, 0, False),
+}
+
+
+@dataclass(frozen=True)
+class LoRAOptions:
+    dim: int = DEFAULT_NETWORK_DIM
+    alpha: float = DEFAULT_NETWORK_ALPHA
+    dropout: float | None = None
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    rank_dropout: float | None = None
+    module_dropout: float | None = None
+    loraplus_lr_ratio: float | None = None
+    loraplus_unet_lr_ratio: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+    network_args: dict[str, str] = field(default_factory=dict)  # as the user wrote them, for metadata
+
+    def loraplus_ratio(self, text_encoder: bool) -> float | None:
+        specific = self.loraplus_text_encoder_lr_ratio if text_encoder else self.loraplus_unet_lr_ratio
+        return specific if specific is not None else self.loraplus_lr_ratio
+
+
+def parse_lora_options(
+    network_dim: int | None, network_alpha: float | None, network_dropout: float | None = None,
+    network_args: dict[str, str] | None = None,
+) -> LoRAOptions:
+    """Validate every LoRA setting; UserError naming the flag or --network_args key on a bad one."""
+    network_args = dict(network_args or {})
+    dim = DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
+    alpha = DEFAULT_NETWORK_ALPHA if network_alpha is None else float(network_alpha)
+    if dim < 1:
+        raise UserError(f"--network_dim must be at least 1 (got {dim})")
+    if alpha < 0:
+        raise UserError(f"--network_alpha must not be negative (got {alpha}); 0 means alpha = rank")
+    if network_dropout is not None and not 0 <= network_dropout < 1:
+        raise UserError(f"--network_dropout must be in [0, 1) (got {network_dropout})")
+    values = {}
+    for key, text in network_args.items():
+        if key not in NETWORK_ARG_PARSERS:
+            raise UserError(
+                f"--network_args: unknown key `{key}` for networks.lora{did_you_mean(key, NETWORK_ARG_PARSERS)}; "
+                f"known keys: {', '.join(NETWORK_ARG_PARSERS)}"
+            )
+        values[key] = NETWORK_ARG_PARSERS[key](key, str(text).strip())
+    if "conv_alpha" in values and "conv_dim" not in values:
+        raise UserError("--network_args conv_alpha needs conv_dim (LoRA on 3x3 convolutions is off without it)")
+    if "conv_dim" in values:
+        values.setdefault("conv_alpha", DEFAULT_CONV_ALPHA)
+    return LoRAOptions(dim=dim, alpha=alpha, dropout=network_dropout, network_args=network_args, **values)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one model; its state dict is a kohya LoRA file."""
+
+    def __init__(self, options: LoRAOptions, layers: list[tuple[LoraTarget, FoundLayer]], multiplier: float = 1.0):
+        super().__init__()
+        self.options = options
+        self.multiplier = multiplier
+        self._by_name: dict[str, LoRAModule] = {}
+        self._text_encoder_names: set[str] = set()
+        self._conv3x3_names: set[str] = set()
+        for target, found in layers:
+            self._add_lora(target, found)
+        self._applied = False
+
+    def _add_lora(self, target: LoraTarget, found: FoundLayer) -> None:
+        name = target.file_name(found.path)
+        if name in self._by_name:
+            raise ValueError(f"two layers map to the LoRA name {name}; the family's rename is not one-to-one")
+        o = self.options
+        rank, alpha = (o.conv_dim, o.conv_alpha) if found.is_conv3x3 else (o.dim, o.alpha)
+        module = LoRAModule(name, found.layer, rank, alpha, self.multiplier,
+                            o.dropout, o.rank_dropout, o.module_dropout)
+        self.add_module(name, module)
+        self._by_name[name] = module
+        if target.is_text_encoder:
+            self._text_encoder_names.add(name)
+        if found.is_conv3x3:
+            self._conv3x3_names.add(name)
+
+    @property
+    def modules_by_name(self) -> dict[str, LoRAModule]:
+        """kohya module name -> LoRAModule, in creation order (denoiser first)."""
+        return dict(self._by_name)
+
+    @property
+    def text_encoder_modules(self) -> list[LoRAModule]:
+        return [m for n, m in self._by_name.items() if n in self._text_encoder_names]
+
+    @property
+    def unet_modules(self) -> list[LoRAModule]:
+        """Modules on the denoiser (UNet or transformer); sd-scripts calls them all "unet"."""
+        return [m for n, m in self._by_name.items() if n not in self._text_encoder_names]
+
+    def apply_to(self) -> None:
+        """Hook every LoRA into its layer's forward; the layers' own weights are not changed."""
+        if self._applied:
+            raise RuntimeError("LoRA network is already applied")
+        for module in self._by_name.values():
+            module.attach()
+        self._applied = True
+        logger.info("LoRA applied: %d denoiser modules, %d text encoder modules",
+                    len(self.unet_modules), len(self.text_encoder_modules))
+
+    def remove(self) -> None:
+        """Undo apply_to: the model computes exactly what it did before."""
+        for module in self._by_name.values():
+            module.detach()
+        self._applied = False
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for module in self._by_name.values():
+            module.multiplier = multiplier
+
+    # --- optimizer ---------------------------------------------------------------------------
+
+    def prepare_optimizer_params(
+        self, unet_lr: float | None, text_encoder_lr: float | None, default_lr: float | None
+    ) -> list[dict]:
+        """Optimizer param groups. None lr = default_lr; lr 0 freezes that part and leaves it out.
+
+        With a LoRA+ ratio, each part's lora_up weights form a second group at lr * ratio.
+        Each group carries a "name" ("unet", "unet lora_up", "text_encoder", ...) for logging.
+        """
+        groups = []
+        parts = (("unet", self.unet_modules, unet_lr, False),
+                 ("text_encoder", self.text_encoder_modules, text_encoder_lr, True))
+        for part, modules, lr, is_text_encoder in parts:
+            if not modules:
+                continue
+            lr = default_lr if lr is None else lr
+            if lr is None:
+                raise UserError(f"no learning rate for the {part} LoRA: set --learning_rate")
+            trainable = lr != 0
+            for module in modules:
+                module.requires_grad_(trainable)
+            if trainable:
+                groups += self._param_groups(part, modules, lr, self.options.loraplus_ratio(is_text_encoder))
+        if not groups:
+            raise UserError("every learning rate is 0 (--unet_lr/--text_encoder_lr/--learning_rate): nothing to train")
+        return groups
+
+    @staticmethod
+    def _param_groups(part: str, modules: list[LoRAModule], lr: float, loraplus_ratio: float | None) -> list[dict]:
+        if loraplus_ratio is None:
+            return [{"params": [p for m in modules for p in m.parameters()], "lr": lr, "name": part}]
+        down = [m.lora_down.weight for m in modules]
+        up = [m.lora_up.weight for m in modules]
+        return [{"params": down, "lr": lr, "name": part},
+                {"params": up, "lr": lr * loraplus_ratio, "name": f"{part} lora_up"}]
+
+    # --- files -------------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, str]:
+        """sd-scripts' ss_network_* metadata describing this network."""
+        o = self.options
+        return {
+            "ss_network_module": NETWORK_MODULE_NAME,
+            "ss_network_dim": str(o.dim),
+            "ss_network_alpha": str(o.alpha),
+            "ss_network_dropout": str(o.dropout),
+            "ss_network_args": json.dumps(o.network_args),
+        }
+
+    def save_weights(self, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
+        """Write a kohya LoRA file atomically, tensors in `dtype` (None: as trained)."""
+        tensors = {k: (v.to(dtype) if dtype is not None else v) for k, v in self.state_dict().items()}
+        save_lora_file(tensors, path, {**(metadata or {}), **self.metadata()})
+
+    def load_weights(self, path: str) -> int:
+        """Load a kohya LoRA file (--network_weights) into the matching modules; returns how many.
+
+        Every module in the file must exist in this network with the same rank, shapes and alpha;
+        modules missing from the file keep their fresh initialisation.
+        """
+        file_modules = group_by_module(read_lora_file(path), path)
+        unknown = [name for name in file_modules if name not in self._by_name]
+        if unknown:
+            matched = len(file_modules) - len(unknown)
+            raise UserError(
+                f"{path}: only {matched} of its {len(file_modules)} LoRA modules match this network; "
+                f"`{unknown[0]}` has no counterpart{did_you_mean(unknown[0], self._by_name)}. The file was made "
+                "for another model or with other settings (conv_dim adds 3x3 conv modules, "
+                "--network_train_unet_only drops text encoder modules)"
+            )
+        for name, file_module in file_modules.items():
+            self._load_module(path, name, file_module)
+        missing = len(self._by_name) - len(file_modules)
+        if missing:
+            logger.warning("%s holds %d of the network's %d LoRA modules; the other %d start fresh",
+                           path, len(file_modules), len(self._by_name), missing)
+        return len(file_modules)
+
+    def _load_module(self, path: str, name: str, file_module) -> None:
+        module = self._by_name[name]
+        rank_flag, alpha_flag = (("--network_args conv_dim", "--network_args conv_alpha")
+                                 if name in self._conv3x3_names else ("--network_dim", "--network_alpha"))
+        file_rank = file_module.down.shape[0]
+        if file_rank != module.rank:
+            raise UserError(f"{path}: module `{name}` has rank {file_rank} but {rank_flag} is {module.rank}; "
+                            f"use {rank_flag} {file_rank} to continue training this file")
+        if (file_module.down.shape != module.lora_down.weight.shape
+                or file_module.up.shape != module.lora_up.weight.shape):
+            raise UserError(f"{path}: module `{name}` has shapes {tuple(file_module.down.shape)}/"
+                            f"{tuple(file_module.up.shape)}, this model needs {tuple(module.lora_down.weight.shape)}/"
+                            f"{tuple(module.lora_up.weight.shape)}: the file is for another model")
+        self._check_alpha(path, name, module, file_module, alpha_flag)
+        with torch.no_grad():
+            module.lora_down.weight.copy_(file_module.down)
+            module.lora_up.weight.copy_(file_module.up)
+
+    @staticmethod
+    def _check_alpha(path: str, name: str, module: LoRAModule, file_module, alpha_flag: str) -> None:
+        got = file_alpha(file_module)
+        # compare at the file's precision: a bf16 file stores 0.1 as 0.10009765625
+        file_dtype = file_module.alpha.dtype if file_module.alpha is not None else torch.float32
+        ours = module.alpha.to(file_dtype).float().item()
+        if got != ours:
+            raise UserError(f"{path}: module `{name}` has alpha {got:g} but {alpha_flag} is {module.alpha.item():g}; "
+                            f"use {alpha_flag} {got:g} to continue training this file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction
+
+
+def create_network(
+    targets: list[LoraTarget], *, network_dim: int | None, network_alpha: float | None,
+    network_dropout: float | None = None, network_args: dict[str, str] | None = None,
+    train_unet: bool = True, train_text_encoder: bool = True, multiplier: float = 1.0,
+) -> LoRANetwork:
+    """A LoRA network on the targets' layers (not yet hooked in: call apply_to())."""
+    options = parse_lora_options(network_dim, network_alpha, network_dropout, network_args)
+    if not train_unet and not train_text_encoder:
+        raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    chosen = [t for t in targets if (train_text_encoder if t.is_text_encoder else train_unet)]
+    if not chosen:
+        part = "text encoder" if train_text_encoder and not train_unet else "denoiser"
+        raise UserError(f"this model has no {part} LoRA can train; drop --network_train_*_only")
+    layers = []
+    for target in chosen:
+        found = find_lora_layers(target, with_conv3x3=options.conv_dim is not None)
+        if not found:
+            raise ValueError(f"LoRA target {target.prefix} has no Linear/Conv2d inside {target.container_classes}")
+        layers += [(target, layer) for layer in found]
+    _reject_ineffective_options(options, layers)
+    network = LoRANetwork(options, layers, multiplier)
+    logger.info("LoRA network: %d modules, rank %d, alpha %g%s", len(layers), options.dim, options.alpha,
+                f", 3x3 convs rank {options.conv_dim} alpha {options.conv_alpha:g}" if options.conv_dim else "")
+    return network
+
+
+def _reject_ineffective_options(options: LoRAOptions, layers: list[tuple[LoraTarget, FoundLayer]]) -> None:
+    if options.conv_dim is not None and not any(found.is_conv3x3 for _, found in layers):
+        raise UserError("--network_args conv_dim has no effect: this model has no 3x3 convolutions LoRA can target")
+    has_text_encoder = any(target.is_text_encoder for target, _ in layers)
+    has_unet = any(not target.is_text_encoder for target, _ in layers)
+    if options.loraplus_text_encoder_lr_ratio is not None and not has_text_encoder:
+        raise UserError("--network_args loraplus_text_encoder_lr_ratio has no effect: no text encoder is trained")
+    if options.loraplus_unet_lr_ratio is not None and not has_unet:
+        raise UserError("--network_args loraplus_unet_lr_ratio has no effect: the denoiser is not trained")

@@ -1,0 +1,103 @@
+"""The network training flags (sd-scripts' names and meanings) and their validation.
+
+`add_network_arguments` adds --network_module/--network_dim/--network_alpha/--network_dropout/
+--network_args/--network_weights, the --network_train_*_only switches and the per-part learning
+rates. `parse_network_args` turns `--network_args k=v ...` into a dict; `validate_network_args`
+checks everything that can be checked before any model is loaded, so typos fail in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from types import ModuleType
+
+from library.errors import UserError, did_you_mean
+
+# sd-scripts has one LoRA module per family; ours serves every family, so their names map to it
+# and users' commands carry over.
+NETWORK_MODULES = {
+    "networks.lora": "networks.lora",
+    "networks.lora_flux": "networks.lora",
+    "networks.lora_sd3": "networks.lora",
+    "networks.lora_lumina": "networks.lora",
+}
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("LoRA network")
+    group.add_argument("--network_module", default="networks.lora",
+                       help="network to train: networks.lora (sd-scripts' networks.lora_flux/_sd3/_lumina also work)")
+    group.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
+    group.add_argument("--network_alpha", type=float, default=1.0,
+                       help="LoRA alpha: the update is scaled by alpha / rank (default 1; 0 means alpha = rank)")
+    group.add_argument("--network_dropout", type=float, default=None,
+                       help="dropout probability on the LoRA down projection's output while training")
+    group.add_argument("--network_args", nargs="*", default=None, metavar="KEY=VALUE",
+                       help="extra LoRA settings: conv_dim, conv_alpha, rank_dropout, module_dropout, "
+                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio")
+    group.add_argument("--network_weights", default=None,
+                       help="LoRA file (.safetensors) to start from; its ranks and alphas must match the flags")
+    group.add_argument("--network_train_unet_only", action="store_true",
+                       help="train only the denoiser (UNet/transformer) LoRA")
+    group.add_argument("--network_train_text_encoder_only", action="store_true",
+                       help="train only the text encoder LoRA")
+    group.add_argument("--unet_lr", type=float, default=None,
+                       help="learning rate of the denoiser LoRA (default --learning_rate; 0 freezes it)")
+    group.add_argument("--text_encoder_lr", type=float, default=None,
+                       help="learning rate of the text encoder LoRA (default --learning_rate; 0 freezes it)")
+
+
+def parse_network_args(entries: list[str] | None) -> dict[str, str]:
+    """["conv_dim=4", "conv_alpha=1"] -> {"conv_dim": "4", "conv_alpha": "1"}."""
+    parsed: dict[str, str] = {}
+    for entry in entries or []:
+        key, sep, value = str(entry).partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise UserError(f"--network_args entry `{entry}` is not of the form key=value (e.g. conv_dim=4)")
+        if key in parsed and parsed[key] != value:
+            raise UserError(f"--network_args gives `{key}` twice ({parsed[key]} and {value}); keep one")
+        parsed[key] = value
+    return parsed
+
+
+def import_network_module(name: str) -> ModuleType:
+    """The Python module implementing --network_module (it provides create_network)."""
+    if name not in NETWORK_MODULES:
+        raise UserError(f"--network_module {name} is not supported{did_you_mean(name, NETWORK_MODULES)}; "
+                        "use networks.lora")
+    return importlib.import_module(NETWORK_MODULES[name])
+
+
+def create_network_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of create_network(targets, **kwargs) that come from the flags."""
+    return {
+        "network_dim": args.network_dim,
+        "network_alpha": args.network_alpha,
+        "network_dropout": args.network_dropout,
+        "network_args": parse_network_args(args.network_args),
+        "train_unet": not args.network_train_text_encoder_only,
+        "train_text_encoder": not args.network_train_unet_only,
+    }
+
+
+def validate_network_args(args: argparse.Namespace) -> None:
+    """Reject contradictory or ineffective network flags before any model is loaded."""
+    module = import_network_module(args.network_module)
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if args.network_train_unet_only and args.text_encoder_lr is not None:
+        raise UserError("--text_encoder_lr has no effect with --network_train_unet_only; drop one of them")
+    if args.network_train_text_encoder_only and args.unet_lr is not None:
+        raise UserError("--unet_lr has no effect with --network_train_text_encoder_only; drop one of them")
+    for flag in ("unet_lr", "text_encoder_lr"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise UserError(f"--{flag} must not be negative (got {value})")
+    if args.network_weights is not None and not os.path.isfile(args.network_weights):
+        raise UserError(f"--network_weights {args.network_weights} does not exist")
+    kwargs = create_network_kwargs(args)
+    module.parse_lora_options(kwargs["network_dim"], kwargs["network_alpha"], kwargs["network_dropout"],
+                              kwargs["network_args"])
