@@ -1,0 +1,277 @@
+"""Latent cache files: encoding a dataset's images with the VAE once, and knowing when that is stale.
+
+Our own format (no library does this): one safetensors file per image and bucket, next to the image
+as `<stem>_<WWWW>x<HHHH>_<family>.safetensors` or, with a cache folder, as
+`<stem>_<hash of the image path>_<WWWW>x<HHHH>_<family>.safetensors` there (the hash keeps images of
+the same name in different folders apart). Tensors: "latents" [C, h, w], "latents_flipped" (made
+when a subset uses flip_aug; the flipped image is encoded, not the latents flipped) and "alpha_mask"
+[1, H, W] (with alpha_mask; flipped when loaded). The metadata records everything the latents
+depend on (format version, the strategy's cache identity such as family and latent channels,
+bucket, resize and crop, the source file's size and mtime); any difference, a missing tensor or an
+unreadable file makes the file stale and it is rebuilt, never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from library.atomic_io import save_safetensors_atomic
+from library.data.image_entries import ImageEntry
+from library.data.images import ImageLoadError, load_image, prepare_image
+from library.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from library.data.dataset import TrainDataset
+    from library.strategies import LatentsCachingStrategy
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = "1"
+
+
+@dataclass
+class CacheCounts:
+    encoded: int = 0  # images encoded by the VAE in this call
+    reused: int = 0  # valid cache files used as they were
+    skipped: int = 0  # images unreadable while caching, left out of the dataset
+
+
+def cache_file_path(entry: ImageEntry, strategy: "LatentsCachingStrategy", cache_dir: Optional[str] = None) -> str:
+    width, height = entry.bucket_wh
+    suffix = f"_{width:04d}x{height:04d}_{strategy.family}.safetensors"
+    stem = os.path.splitext(entry.image_path)[0]
+    if cache_dir is None:
+        return stem + suffix
+    digest = hashlib.sha256(os.path.abspath(entry.image_path).encode("utf-8")).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{os.path.basename(stem)}_{digest}{suffix}")
+
+
+def expected_metadata(entry: ImageEntry, strategy: "LatentsCachingStrategy") -> dict[str, str]:
+    """The metadata a valid cache file of this entry holds (apart from the flip/alpha flags)."""
+    stat = os.stat(entry.image_path)
+    plan = entry.center_crop()
+    identity = strategy.cache_identity()
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        **identity,
+        "identity_keys": ",".join(sorted(identity)),
+        "bucket": f"{entry.bucket_wh[0]}x{entry.bucket_wh[1]}",
+        "original_size": f"{entry.image_size_wh[0]}x{entry.image_size_wh[1]}",
+        "resized_size": f"{plan.resized_wh[0]}x{plan.resized_wh[1]}",
+        "crop_left_top": f"{plan.left},{plan.top}",
+        "source_size": str(stat.st_size),
+        "source_mtime_ns": str(stat.st_mtime_ns),
+    }
+
+
+def _read_header(path: str) -> Optional[tuple[dict, set, list]]:
+    """(metadata, tensor names, shape of "latents") or None when the file cannot be parsed."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+            shape = list(f.get_slice("latents").get_shape()) if "latents" in names else []
+            return f.metadata() or {}, names, shape
+    except Exception:  # safetensors raises several types for damaged files; all mean "rebuild it"
+        return None
+
+
+def is_cache_valid(
+    path: str,
+    entry: ImageEntry,
+    strategy: "LatentsCachingStrategy",
+    need_flip: bool,
+    need_alpha: Optional[bool] = None,
+) -> bool:
+    """True only if the file exists, parses, holds the needed tensors and all its metadata matches."""
+    if need_alpha is None:
+        need_alpha = entry.subset.alpha_mask
+    if not os.path.isfile(path):
+        return False
+    header = _read_header(path)
+    if header is None:
+        return False
+    metadata, names, shape = header
+    try:
+        expected = expected_metadata(entry, strategy)
+    except OSError:
+        return False
+    if any(metadata.get(key) != value for key, value in expected.items()):
+        return False
+    scale = strategy.vae_scale_factor
+    if shape != [strategy.latent_channels, entry.bucket_wh[1] // scale, entry.bucket_wh[0] // scale]:
+        return False
+    if need_flip and "latents_flipped" not in names:
+        return False
+    return not (need_alpha and "alpha_mask" not in names)
+
+
+def load_cached_latents(path: str, flipped: bool) -> tuple["torch.Tensor", Optional["torch.Tensor"]]:
+    """(latents or flipped latents, alpha mask as stored - not flipped - or None)."""
+    from safetensors import safe_open
+
+    key = "latents_flipped" if flipped else "latents"
+    try:
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+            if key not in names:
+                raise UserError(f"latent cache file {path} has no {key!r}: run latent caching again without --skip_cache_check")
+            alpha = f.get_tensor("alpha_mask") if "alpha_mask" in names else None
+            return f.get_tensor(key), alpha
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"latent cache file {path} cannot be read ({e}): delete it and cache the latents again") from e
+
+
+@dataclass
+class _CacheJob:
+    """One (image, bucket): every entry that shares it gets the same latents."""
+
+    entries: list[ImageEntry]
+    path: Optional[str]
+    need_flip: bool = False
+    need_alpha: bool = False
+
+    @property
+    def entry(self) -> ImageEntry:
+        return self.entries[0]
+
+
+def _jobs_for(entries: list[ImageEntry], strategy, to_disk: bool, cache_dir: Optional[str]) -> list[_CacheJob]:
+    by_key: dict[tuple, list[ImageEntry]] = {}
+    for entry in entries:
+        by_key.setdefault((os.path.abspath(entry.image_path), entry.bucket_wh, entry.resized_wh), []).append(entry)
+    jobs = []
+    for group in by_key.values():
+        path = cache_file_path(group[0], strategy, cache_dir) if to_disk else None
+        jobs.append(_CacheJob(group, path, need_flip=any(e.subset.flip_aug for e in group),
+                              need_alpha=any(e.subset.alpha_mask for e in group)))
+    return jobs
+
+
+def _is_reusable(job: _CacheJob, strategy, skip_cache_check: bool) -> bool:
+    if skip_cache_check:
+        return os.path.isfile(job.path)
+    return is_cache_valid(job.path, job.entry, strategy, job.need_flip, job.need_alpha)
+
+
+def cache_dataset_latents(
+    dataset: "TrainDataset",
+    strategy: "LatentsCachingStrategy",
+    vae: Any,
+    *,
+    to_disk: bool,
+    batch_size: int,
+    device,
+    dtype,
+    skip_cache_check: bool = False,
+    cache_dir: Optional[str] = None,
+) -> CacheCounts:
+    """Give every entry of the dataset its latents: in memory, or in (reused or new) cache files.
+
+    The VAE must already be on `device` in eval mode. Images are encoded bucket by bucket,
+    `batch_size` at a time. Images that cannot be read now are left out of the dataset with a
+    warning (UserError if no training image is left).
+    """
+    dataset.validate_for_latent_caching()
+    if batch_size < 1:
+        raise UserError(f"--vae_batch_size must be at least 1, got {batch_size}")
+    counts = CacheCounts()
+    todo = []
+    for job in _jobs_for(dataset.entries, strategy, to_disk, cache_dir):
+        if to_disk and _is_reusable(job, strategy, skip_cache_check):
+            for entry in job.entries:
+                entry.clear_latent_cache()
+                entry.cache_path = job.path
+            counts.reused += 1
+        else:
+            todo.append(job)
+    failed = _encode_jobs(todo, strategy, vae, batch_size, device, dtype, to_disk)
+    counts.encoded = len(todo) - len(failed)
+    counts.skipped = len(failed)
+    if failed:
+        dataset.drop_entries([entry for job in failed for entry in job.entries])
+        logger.warning("left %d unreadable images out of the dataset", len(failed))
+    logger.info("latents: %d images encoded, %d reused from cache files", counts.encoded, counts.reused)
+    return counts
+
+
+def _encode_jobs(jobs: list[_CacheJob], strategy, vae, batch_size: int, device, dtype, to_disk: bool) -> list[_CacheJob]:
+    """Encode and store the jobs' latents; returns the jobs whose image could not be read."""
+    from tqdm import tqdm
+
+    jobs = sorted(jobs, key=lambda job: (job.entry.bucket_wh, job.entry.image_path))
+    failed = []
+    with tqdm(total=len(jobs), desc="caching latents", unit="img", disable=not jobs) as progress:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            for bucket_chunk in _split_by_bucket(chunk):
+                failed.extend(_encode_chunk(bucket_chunk, strategy, vae, device, dtype, to_disk))
+            progress.update(len(chunk))
+    return failed
+
+
+def _split_by_bucket(jobs: list[_CacheJob]) -> list[list[_CacheJob]]:
+    groups: dict[tuple, list[_CacheJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.entry.bucket_wh, []).append(job)
+    return list(groups.values())
+
+
+def _encode_chunk(jobs: list[_CacheJob], strategy, vae, device, dtype, to_disk: bool) -> list[_CacheJob]:
+    import random
+
+    import torch
+
+    readable, prepared, failed = [], [], []
+    for job in jobs:
+        try:
+            image = load_image(job.entry.image_path)
+        except ImageLoadError as e:
+            logger.warning("skipping %s: %s", e.path, e.reason)
+            failed.append(job)
+            continue
+        entry = job.entry
+        resized = entry.resized_wh if image.size == tuple(entry.image_size_wh) else None
+        prepared.append(prepare_image(image, entry.bucket_wh, False, random.Random(0), flip=False, resized_wh=resized))
+        readable.append(job)
+    if not readable:
+        return failed
+    pixels = torch.stack([p.pixels for p in prepared]).to(device=device, dtype=dtype)
+    flip_rows = [row for row, job in enumerate(readable) if job.need_flip]
+    with torch.no_grad():
+        latents = strategy.encode(vae, pixels).float().cpu()
+        flipped = strategy.encode(vae, torch.flip(pixels[flip_rows], dims=[3])).float().cpu() if flip_rows else None
+    for row, (job, image) in enumerate(zip(readable, prepared)):
+        tensors = {"latents": latents[row].clone()}
+        if job.need_flip:
+            tensors["latents_flipped"] = flipped[flip_rows.index(row)].clone()
+        if job.need_alpha:
+            alpha = image.alpha if image.alpha is not None else torch.ones(1, *pixels.shape[2:])
+            tensors["alpha_mask"] = alpha
+        _store(job, tensors, strategy, to_disk)
+    return failed
+
+
+def _store(job: _CacheJob, tensors: dict, strategy, to_disk: bool) -> None:
+    if to_disk:
+        metadata = expected_metadata(job.entry, strategy)
+        metadata["flip"] = "1" if "latents_flipped" in tensors else "0"
+        metadata["alpha_mask"] = "1" if "alpha_mask" in tensors else "0"
+        save_safetensors_atomic(tensors, job.path, metadata)
+    for entry in job.entries:
+        entry.clear_latent_cache()
+        if to_disk:
+            entry.cache_path = job.path
+        else:
+            entry.latents = tensors["latents"]
+            entry.latents_flipped = tensors.get("latents_flipped")
+            entry.alpha_mask = tensors.get("alpha_mask")
