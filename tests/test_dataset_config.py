@@ -379,14 +379,24 @@ def test_dreambooth_and_fine_tuning_subsets_cannot_share_a_dataset(tmp_path):
                               f"(metadata_file) cannot share a dataset: split them into two [[datasets]]")
 
 
-def test_dataset_flags_with_dataset_config_are_rejected(tmp_path):
+def test_folder_flags_with_dataset_config_are_rejected(tmp_path):
     path = write(tmp_path / "ds.toml", "")
-    message = error_of(path, "--resolution", "512", "--shuffle_caption", "--train_batch_size", "2",
-                       "--train_data_dir", tmp_path)
-    assert message == (f"--dataset_config {path} defines the datasets, so --train_data_dir, --resolution, "
-                       f"--train_batch_size, --shuffle_caption would be ignored: set resolution, batch_size, "
-                       f"shuffle_caption under [general] or [[datasets]] of {path}; list image folders as "
-                       f"[[datasets.subsets]] image_dir (is_reg = true for regularisation), and remove the flags")
+    message = error_of(path, "--resolution", "512", "--train_data_dir", tmp_path)
+    assert message == (f"--dataset_config {path} defines the image folders, so --train_data_dir would be ignored: "
+                       f"list them as [[datasets.subsets]] image_dir (is_reg = true for regularisation) "
+                       f"and remove the flags")
+
+
+def test_dataset_flags_with_dataset_config_are_lowest_priority_defaults(tmp_path):
+    """As in sd-scripts: --train_batch_size etc. fill what the file leaves unset, and the file wins."""
+    images = tmp_path / "img"
+    images.mkdir()
+    path = write(tmp_path / "ds.toml", f"[general]\nresolution = 768\n" + one_subset(f"image_dir = '{images}'"))
+    spec = load_file(path, "--resolution", "512", "--train_batch_size", "3", "--shuffle_caption")
+    dataset = spec.datasets[0]
+    assert dataset.resolution == (768, 768)
+    assert dataset.batch_size == 3
+    assert dataset.subsets[0].captions.shuffle_caption is True
 
 
 @pytest.mark.parametrize("name, expected", [

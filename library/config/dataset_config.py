@@ -161,28 +161,35 @@ def _describe_cli_path(path: list) -> str:
 # --- public entry point ---
 
 def load_dataset_group(args: argparse.Namespace) -> DatasetGroupSpec:
-    """The datasets of a run, from `--dataset_config` or from `--train_data_dir`/`--reg_data_dir`."""
+    """The datasets of a run, from `--dataset_config` or from `--train_data_dir`/`--reg_data_dir`.
+
+    With a config file, dataset flags given on the command line (e.g. --train_batch_size) are the
+    lowest-priority defaults under its [general] section, as in sd-scripts.
+    """
     config_file = getattr(args, "dataset_config", None)
     if config_file is None:
         return _load_from_folders(args)
-    _reject_dataset_flags(args, str(config_file))
+    _reject_folder_flags(args, str(config_file))
     source = _Source(str(config_file), format_key_path)
-    return _build_group(_validate_document(_read_config_file(str(config_file)), source), source)
+    document = _validate_document(_read_config_file(str(config_file)), source)
+    document["general"] = {**_command_line_defaults(args), **document["general"]}
+    return _build_group(document, source)
 
 
-def _reject_dataset_flags(args: argparse.Namespace, config_file: str) -> None:
-    passed = passed_dataset_flags(args)
-    if not passed:
-        return
-    flags = ", ".join(f"--{name}" for name in passed)
-    options = [config_key_for_flag(name) for name in passed if name not in FOLDER_FLAGS]
-    hints = []
-    if options:
-        hints.append(f"set {', '.join(options)} under [general] or [[datasets]] of {config_file}")
-    if any(name in FOLDER_FLAGS for name in passed):
-        hints.append("list image folders as [[datasets.subsets]] image_dir (is_reg = true for regularisation)")
-    raise UserError(f"--dataset_config {config_file} defines the datasets, so {flags} would be ignored: "
-                    f"{'; '.join(hints)}, and remove the flags")
+def _command_line_defaults(args: argparse.Namespace) -> dict:
+    given = {config_key_for_flag(name): getattr(args, name) for name in DATASET_OPTION_FLAGS
+             if getattr(args, name, None) is not None}
+    source = _Source("<command line>", _describe_cli_path, lambda key: f"--{flag_for_config_key(key)}")
+    return _validate_document({"general": given, "datasets": []}, source)["general"]
+
+
+def _reject_folder_flags(args: argparse.Namespace, config_file: str) -> None:
+    passed = [name for name in passed_dataset_flags(args) if name in FOLDER_FLAGS]
+    if passed:
+        flags = ", ".join(f"--{name}" for name in passed)
+        raise UserError(f"--dataset_config {config_file} defines the image folders, so {flags} would be ignored: "
+                        "list them as [[datasets.subsets]] image_dir (is_reg = true for regularisation) "
+                        "and remove the flags")
 
 
 def _read_config_file(path: str) -> Any:

@@ -16,10 +16,37 @@ def _text(value) -> str:
     return "None" if value is None else str(value)
 
 
-def training_metadata(args, family, dataset, *, num_batches_per_epoch: int, num_epochs: int,
+def _subset_name(entry) -> str:
+    folder = entry.subset.image_dir or entry.subset.metadata_file or ""
+    return os.path.basename(os.path.normpath(folder))
+
+
+def dataset_dirs_summary(entries) -> dict:
+    """sd-scripts' ss_dataset_dirs: {folder name: {"n_repeats": r, "img_count": n}}."""
+    summary: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        item = summary.setdefault(_subset_name(entry), {"n_repeats": entry.subset.num_repeats, "img_count": 0})
+        item["img_count"] += 1
+    return summary
+
+
+def tag_frequency(entries) -> dict:
+    """sd-scripts' ss_tag_frequency: {folder name: {tag: count}} over the raw captions."""
+    frequency: dict[str, dict[str, int]] = {}
+    for entry in entries:
+        tags = frequency.setdefault(_subset_name(entry), {})
+        separator = entry.subset.captions.caption_separator or ","
+        for tag in (t.strip() for t in entry.caption.split(separator)):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    return frequency
+
+
+def training_metadata(args, family, dataset, optimizer_description: str, *, num_batches_per_epoch: int, num_epochs: int,
                       max_train_steps: int, seed: int, started_at: float) -> dict[str, str]:
     """The fixed part of the metadata, computed once when training starts."""
-    resolution = dataset.spec.datasets[0].resolution if dataset.spec.datasets else None
+    resolution = dataset.datasets[0].resolution
+    num_reg = sum(1 for entry in dataset.entries if entry.is_reg)
     metadata = {
         "ss_session_id": str(uuid.uuid4().int % 2**31),
         "ss_training_started_at": str(started_at),
@@ -27,8 +54,8 @@ def training_metadata(args, family, dataset, *, num_batches_per_epoch: int, num_
         "ss_learning_rate": _text(args.learning_rate),
         "ss_text_encoder_lr": _text(getattr(args, "text_encoder_lr", getattr(args, "learning_rate_te", None))),
         "ss_unet_lr": _text(getattr(args, "unet_lr", None)),
-        "ss_num_train_images": str(dataset.num_train_images),
-        "ss_num_reg_images": str(dataset.num_reg_images),
+        "ss_num_train_images": str(len(dataset.entries) - num_reg),
+        "ss_num_reg_images": str(num_reg),
         "ss_num_batches_per_epoch": str(num_batches_per_epoch),
         "ss_num_epochs": str(num_epochs),
         "ss_gradient_checkpointing": str(args.gradient_checkpointing),
@@ -36,7 +63,7 @@ def training_metadata(args, family, dataset, *, num_batches_per_epoch: int, num_
         "ss_max_train_steps": str(max_train_steps),
         "ss_lr_warmup_steps": _text(args.lr_warmup_steps),
         "ss_lr_scheduler": args.lr_scheduler,
-        "ss_optimizer": args.optimizer_type + (f"({','.join(args.optimizer_args)})" if args.optimizer_args else ""),
+        "ss_optimizer": optimizer_description,
         "ss_mixed_precision": args.mixed_precision,
         "ss_full_fp16": str(args.full_fp16),
         "ss_full_bf16": str(args.full_bf16),
@@ -46,14 +73,14 @@ def training_metadata(args, family, dataset, *, num_batches_per_epoch: int, num_
         "ss_prior_loss_weight": str(args.prior_loss_weight),
         "ss_sd_model_name": os.path.basename(str(args.pretrained_model_name_or_path)),
         "ss_base_model_version": family.base_model_version,
-        "ss_resolution": f"({resolution[0]}, {resolution[1]})" if resolution else "None",
-        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
-        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs_summary()),
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})",
+        "ss_tag_frequency": json.dumps(tag_frequency(dataset.entries)),
+        "ss_dataset_dirs": json.dumps(dataset_dirs_summary(dataset.entries)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": args.output_name,
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
-        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}" if resolution else "",
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
     }
     for name in ("clip_skip", "max_token_length", "v2", "v_parameterization"):
         if hasattr(args, name):

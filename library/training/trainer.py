@@ -77,17 +77,18 @@ class Trainer:
             return False
         from library.data.latent_cache import cache_dataset_latents
 
-        encoded, reused = cache_dataset_latents(
+        components.vae.eval()
+        counts = cache_dataset_latents(
             dataset, strategy, components.vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
             device=device, dtype=next(components.vae.parameters()).dtype, skip_cache_check=args.skip_cache_check,
             cache_dir=args.latents_cache_dir,
         )
-        logger.info("latent cache: %d encoded, %d reused", encoded, reused)
+        logger.info("latent cache: %d encoded, %d reused", counts.encoded, counts.reused)
         return True
 
     def _step_counts(self, dataset) -> tuple[int, int, int]:
         args = self.args
-        num_batches = len(dataset.batches_for_epoch(1))
+        num_batches = dataset.num_batches_per_epoch()
         steps_per_epoch = math.ceil(num_batches / args.gradient_accumulation_steps)
         max_steps = args.max_train_steps
         if args.max_train_epochs:
@@ -100,7 +101,7 @@ class Trainer:
 
         from library.training.lr_schedulers import build_lr_scheduler
         from library.training.metadata import training_metadata
-        from library.training.optimizers import build_optimizer, set_optimizer_train_mode
+        from library.training.optimizers import build_optimizer, describe_optimizer, set_optimizer_train_mode
         from library.training.state import load_training_state, resolve_resume_folder
 
         args = self.args
@@ -111,6 +112,8 @@ class Trainer:
 
         accelerator = self._build_accelerator()
         dataset = self._load_dataset(seed)
+        if args.cache_latents or args.cache_latents_to_disk:
+            dataset.validate_for_latent_caching()
         num_batches, steps_per_epoch, max_steps = self._step_counts(dataset)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         dataset.max_train_steps = max_steps
@@ -126,7 +129,8 @@ class Trainer:
             self._enable_gradient_checkpointing(components)
 
         optimizer = build_optimizer(args, param_groups)
-        lr_scheduler = build_lr_scheduler(args, optimizer, max_steps)
+        # accelerate steps a prepared scheduler once per process per optimizer step
+        lr_scheduler = build_lr_scheduler(args, optimizer, max_steps * accelerator.num_processes)
         trainable = self.mode.trainable_modules(components)
         prepared = accelerator.prepare(*trainable, optimizer, lr_scheduler)
         self.mode.replace_prepared(list(prepared[: len(trainable)]))
@@ -138,7 +142,8 @@ class Trainer:
 
         self.run = _Run(self, accelerator, components, dataset, optimizer, lr_scheduler, weight_dtype,
                         latents_strategy, latents_cached, max_steps, steps_per_epoch, num_batches,
-                        training_metadata(args, self.family, dataset, num_batches_per_epoch=num_batches,
+                        training_metadata(args, self.family, dataset, describe_optimizer(args, optimizer),
+                                          num_batches_per_epoch=num_batches,
                                           num_epochs=num_epochs, max_train_steps=max_steps, seed=seed,
                                           started_at=started_at))
         set_optimizer_train_mode(optimizer, True)
@@ -279,7 +284,7 @@ class _Run:
         conditioning = self._conditioning(batch)
         noise = self.noise.sample_noise(latents, generator)
         timesteps = self.noise.sample_timesteps(latents.shape[0], latents.device, generator)
-        noisy = self.noise.add_noise(latents, noise, timesteps)
+        noisy = self.noise.add_noise(latents, noise, timesteps, generator)
         with self.accelerator.autocast():
             prediction = self.family.predict(self.components, noisy.to(self.weight_dtype),
                                              self.noise.model_timesteps(timesteps), conditioning, batch)
@@ -290,7 +295,7 @@ class _Run:
         losses = per_sample_loss(prediction.float(), target.float(), self.args.loss_type,
                                  self.noise.huber_c(timesteps), mask)
         weights = self.noise.loss_weights(timesteps) * batch["loss_weights"].to(latents.device)
-        return (losses * weights).mean() + self.noise.extra_loss(prediction.float(), target.float(), timesteps)
+        return (losses * weights).mean()
 
     def _optimizer_step(self, trainable) -> None:
         if self.args.max_grad_norm:
