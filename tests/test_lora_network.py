@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from library.errors import UserError
 from library.families.base import LoraTarget
 from library.models.tiny import tiny_sd15_pipeline
+from lora_checks import expected_delta
 from networks import network_arguments
 from networks.lora import create_network
 from networks.lora_modules import LoRAModule
@@ -47,18 +48,6 @@ def randomize(network, seed=1):
         for module in network.modules_by_name.values():
             for weight in (module.lora_down.weight, module.lora_up.weight):
                 weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
-
-
-def expected_delta(down, up, scale):
-    """W' - W for a kohya pair, computed independently of networks/lora_modules.py."""
-    if down.dim() == 2:
-        return scale * up @ down
-    rank = down.shape[0]
-    if down.shape[2:] == (1, 1):
-        return scale * (up.reshape(-1, rank) @ down.reshape(rank, -1)).reshape(up.shape[0], down.shape[1], 1, 1)
-    k_h, k_w = down.shape[2:]
-    flat = up.reshape(-1, rank) @ down.reshape(rank, -1)  # (out, in * kh * kw)
-    return scale * flat.reshape(up.shape[0], down.shape[1], k_h, k_w)
 
 
 @pytest.fixture(scope="module")

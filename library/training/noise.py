@@ -105,10 +105,6 @@ class NoiseScheme(ABC):
     def huber_c(self, t: "torch.Tensor") -> Optional["torch.Tensor"]:
         """Per-sample Huber threshold [B] for huber/smooth_l1 losses, None for l1/l2."""
 
-    def extra_loss(self, pred: "torch.Tensor", target: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
-        """A scalar added to the batch loss, for objectives with an additive term (none so far)."""
-        return pred.new_zeros(())
-
 
 @dataclass(frozen=True)
 class DDPMNoiseOptions:

@@ -35,6 +35,13 @@ def move_tokens(tokens: list[dict], device) -> list[dict]:
     return [{k: v.to(device) for k, v in part.items()} for part in tokens]
 
 
+def move_module(module, device, dtype) -> None:
+    """Move to device, and cast only when the dtype really changes (diffusers warns on every cast)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+
+
 class Trainer:
     def __init__(self, family, mode_name: str, args):
         self.family, self.args = family, args
@@ -66,10 +73,9 @@ class Trainer:
         trainable = {id(m) for m in self.mode.trainable_modules(components)}
         full_precision_dtype = weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32
         for part in [components.denoiser, *components.text_encoders]:
-            part.to(device, dtype=full_precision_dtype if id(part) in trainable else weight_dtype)
+            move_module(part, device, full_precision_dtype if id(part) in trainable else weight_dtype)
         if components.vae is not None:
-            vae_dtype = torch.float32 if getattr(args, "no_half_vae", False) else weight_dtype
-            components.vae.to(device, dtype=vae_dtype)
+            move_module(components.vae, device, torch.float32 if getattr(args, "no_half_vae", False) else weight_dtype)
 
     def _cache_latents(self, dataset, strategy, components, device) -> bool:
         args = self.args
