@@ -130,38 +130,44 @@ class SubsetScanner:
         image_dir = subset.image_dir
         if not os.path.isdir(image_dir):
             raise UserError(f"image_dir {image_dir} does not exist or is not a folder: fix the path in the dataset config")
-        entries, uncaptioned = [], []
+        entries, uncaptioned, class_captioned = [], [], []
         for path in list_image_files(image_dir, recursive=subset.caption_from_path):
             if subset.caption_from_path and is_path_skipped(path, image_dir):
                 continue  # below a `__` folder: excluded by the user
             try:
-                caption = self._dreambooth_caption(path, subset)
+                caption, from_class_tokens = self._dreambooth_caption(path, subset)
             except CaptionFileError as e:
                 self.report.skip(path, str(e))
                 continue
             if caption is None:
                 uncaptioned.append(path)
                 caption = ""
+            elif from_class_tokens:
+                class_captioned.append(path)
             entry = self._entry(path, caption, subset)
             if entry is not None:
                 entries.append(entry)
+        if class_captioned:
+            _warn_some(f"{len(class_captioned)} images in {image_dir} have no caption file ({subset.caption_extension}):"
+                       f" they train with the class tokens `{subset.class_tokens}`", class_captioned)
         if uncaptioned:
             _warn_some(f"{len(uncaptioned)} images in {image_dir} have no caption file ({subset.caption_extension}) "
                        "and the subset has no class_tokens: they train with an empty caption", uncaptioned)
         return entries
 
     @staticmethod
-    def _dreambooth_caption(path: str, subset: SubsetSpec) -> Optional[str]:
-        """Caption file, else folder names (caption_from_path), else class_tokens; None if none."""
+    def _dreambooth_caption(path: str, subset: SubsetSpec) -> tuple[Optional[str], bool]:
+        """(caption, whether it is the class tokens): caption file, else folder names
+        (caption_from_path), else class_tokens; (None, False) if none."""
         caption_path = os.path.splitext(path)[0] + subset.caption_extension
         caption = read_caption_file(caption_path, all_lines=subset.captions.enable_wildcard)
         if caption:
-            return caption
+            return caption, False
         if subset.caption_from_path:
             from_path = caption_from_path(path, subset.image_dir)
             if from_path:
-                return from_path
-        return subset.class_tokens
+                return from_path, False
+        return subset.class_tokens, subset.class_tokens is not None
 
     def _scan_metadata(self, subset: SubsetSpec) -> list[ImageEntry]:
         metadata = _read_metadata_file(subset.metadata_file)

@@ -1,0 +1,101 @@
+"""Bad input through the real entry points: one clear message and exit code 2, or a warned skip.
+
+The list the foundation issue asks for: corrupt image, zero-byte image, image without caption,
+non-UTF-8 caption, empty dataset, TOML syntax error, wrong value type, missing model file, and a
+FLUX checkpoint given to the SD script.
+"""
+
+import logging
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run_script
+from library.cli import run_training
+
+
+def base_args(model, output_dir, *data_args):
+    return ["--pretrained_model_name_or_path", str(model), *data_args, "--resolution", "64",
+            "--output_dir", str(output_dir), "--max_train_steps", "1", "--network_dim", "2"]
+
+
+def user_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_training("sd", "network", argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_subprocess_user_error_exits_2_without_traceback(demo_image_root, tmp_path):
+    result = run_script("sd_train_network.py", *base_args(tmp_path / "missing.safetensors", tmp_path / "out",
+                                                          "--train_data_dir", demo_image_root))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "missing.safetensors" in result.stderr
+
+
+def test_help_lists_sd_scripts_flags():
+    result = run_script("sd_train_network.py", "--help")
+    assert result.returncode == 0
+    for flag in ("--network_dim", "--dataset_config", "--cache_latents_to_disk", "--min_snr_gamma", "--clip_skip"):
+        assert flag in result.stdout
+
+
+def test_missing_model_file(capsys, demo_image_root, tmp_path):
+    message = user_error(capsys, base_args(tmp_path / "nope.safetensors", tmp_path / "out",
+                                           "--train_data_dir", demo_image_root))
+    assert "nope.safetensors" in message
+
+
+def test_flux_checkpoint_given_to_sd_script(capsys, demo_image_root, tmp_path):
+    flux = tmp_path / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2),
+               "single_blocks.0.linear1.weight": torch.zeros(4, 2)}, str(flux))
+    message = user_error(capsys, base_args(flux, tmp_path / "out", "--train_data_dir", demo_image_root))
+    assert "FLUX" in message and "flux_train_network.py" in message
+
+
+def test_toml_syntax_error(capsys, tiny_sd15_folder, tmp_path):
+    config = tmp_path / "ds.toml"
+    config.write_text("[general]\nresolution = \n")
+    message = user_error(capsys, base_args(tiny_sd15_folder, tmp_path / "out", "--dataset_config", str(config)))
+    assert str(config) in message and "line 2" in message
+
+
+def test_wrong_value_type_and_misspelled_key(capsys, tiny_sd15_folder, demo_image_root, tmp_path):
+    config = tmp_path / "ds.toml"
+    config.write_text(f"[[datasets]]\nbatch_size = 'two'\n[[datasets.subsets]]\nimage_dir = '{demo_image_root}'\n")
+    message = user_error(capsys, base_args(tiny_sd15_folder, tmp_path / "out", "--dataset_config", str(config)))
+    assert "datasets[0].batch_size" in message and "'two'" in message
+    config.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{demo_image_root}'\nnum_repeat = 2\n")
+    message = user_error(capsys, base_args(tiny_sd15_folder, tmp_path / "out", "--dataset_config", str(config)))
+    assert "num_repeat" in message and "num_repeats" in message
+
+
+def test_empty_dataset(capsys, tiny_sd15_folder, tmp_path):
+    (tmp_path / "images" / "5_dog").mkdir(parents=True)
+    message = user_error(capsys, base_args(tiny_sd15_folder, tmp_path / "out",
+                                           "--train_data_dir", str(tmp_path / "images")))
+    assert "no usable training images" in message and "5_dog" in message
+
+
+def test_bad_images_and_captions_are_skipped_with_warnings(caplog, tiny_sd15_folder, demo_image_root, tmp_path):
+    folder = os.path.join(demo_image_root, "1_shape")
+    with open(os.path.join(folder, "corrupt.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\nthis is not an image")
+    open(os.path.join(folder, "zero.png"), "wb").close()
+    with open(os.path.join(folder, "00_red_circle.caption"), "wb") as f:
+        f.write("a r\xe9d circle".encode("latin-1"))  # not UTF-8: that image is skipped
+    os.remove(os.path.join(folder, "01_blue_square.caption"))  # no caption: trains on the class tokens
+    with caplog.at_level(logging.WARNING):
+        run_training("sd", "network", base_args(tiny_sd15_folder, tmp_path / "out", "--train_data_dir",
+                                                demo_image_root, "--output_name", "lora"))
+    log = caplog.text
+    assert "corrupt.png" in log and "zero.png" in log and "00_red_circle.caption" in log
+    assert "01_blue_square.png" in log  # warned that it has no caption file
+    assert "skipped 3 images" in log
+    assert (tmp_path / "out" / "lora.safetensors").is_file()
