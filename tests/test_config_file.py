@@ -168,9 +168,9 @@ def test_missing_and_non_utf8_config_files(tmp_path):
         load_toml(tmp_path / "latin1.toml")
 
 
-def test_dataset_flags_from_config_file_clash_with_dataset_config(tmp_path):
-    args = parse(tmp_path, 'output_dir = "o"\ndataset_config = "ds.toml"\ntrain_batch_size = 2\n')
-    with pytest.raises(UserError, match=r"so --train_batch_size would be ignored: set batch_size under \[general\]"):
+def test_folder_flags_from_config_file_clash_with_dataset_config(tmp_path):
+    args = parse(tmp_path, 'output_dir = "o"\ndataset_config = "ds.toml"\ntrain_data_dir = "img"\n')
+    with pytest.raises(UserError, match=r"so --train_data_dir would be ignored: list them as \[\[datasets.subsets\]\]"):
         load_dataset_group(args)
 
 
