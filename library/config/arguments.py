@@ -85,7 +85,6 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     from library.config.dataset_args import add_dataset_arguments
     from library.data.dataset import add_caching_arguments
     from library.training.lr_schedulers import add_lr_scheduler_arguments
-    from library.training.noise import add_noise_arguments
     from library.training.optimizers import add_optimizer_arguments
 
     what = "a LoRA" if mode == "network" else "a full fine-tune"
@@ -95,7 +94,7 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     family.add_arguments(parser)
     add_dataset_arguments(parser)
     add_caching_arguments(parser)
-    add_noise_arguments(parser)
+    family.add_noise_arguments(parser)
     add_optimizer_arguments(parser)
     add_lr_scheduler_arguments(parser)
     if mode == "network":

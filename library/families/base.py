@@ -72,8 +72,21 @@ class ModelFamily(ABC):
     def add_arguments(self, parser: "argparse.ArgumentParser") -> None:
         """Add this family's own flags (e.g. --v2, --clip_skip)."""
 
+    def add_noise_arguments(self, parser: "argparse.ArgumentParser") -> None:
+        """The noise/timestep/loss-weighting flags of this family's training objective (DDPM here)."""
+        from library.training.noise import add_noise_arguments
+
+        add_noise_arguments(parser)
+
     def validate_args(self, args: "argparse.Namespace") -> None:
         """Raise UserError for flags that have no effect for this family."""
+
+    def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
+        """Move the denoiser to the training device and dtype (block-swapping families keep some
+        blocks on the CPU here)."""
+        from library.training.trainer import move_module
+
+        move_module(components.denoiser, device, dtype)
 
     @abstractmethod
     def load(self, args: "argparse.Namespace") -> ModelComponents:
@@ -105,6 +118,10 @@ class ModelFamily(ABC):
     @abstractmethod
     def lora_targets(self, components: ModelComponents) -> list[LoraTarget]:
         """Every part LoRA may attach to (denoiser first, then each text encoder)."""
+
+    @abstractmethod
+    def build_pipeline(self, components: ModelComponents, scheduler=None):
+        """A diffusers pipeline over the in-memory components (no second copy), for sampling."""
 
     @abstractmethod
     def save_full_model(

@@ -72,8 +72,12 @@ class Trainer:
         args = self.args
         trainable = {id(m) for m in self.mode.trainable_modules(components)}
         full_precision_dtype = weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32
-        for part in [components.denoiser, *components.text_encoders]:
-            move_module(part, device, full_precision_dtype if id(part) in trainable else weight_dtype)
+        def dtype_of(part):
+            return full_precision_dtype if id(part) in trainable else weight_dtype
+
+        self.family.place_denoiser(components, device, dtype_of(components.denoiser), args)
+        for part in components.text_encoders:
+            move_module(part, device, dtype_of(part))
         if components.vae is not None:
             move_module(components.vae, device, torch.float32 if getattr(args, "no_half_vae", False) else weight_dtype)
 
@@ -91,6 +95,14 @@ class Trainer:
         )
         logger.info("latent cache: %d encoded, %d reused", counts.encoded, counts.reused)
         return True
+
+    def _cache_text_encoder_outputs(self, dataset, components, device) -> None:
+        args = self.args
+        if not (getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False)):
+            return
+        from library.data.text_encoder_cache import cache_dataset_text_encoder_outputs
+
+        cache_dataset_text_encoder_outputs(dataset, self.family, args, components, device)
 
     def _step_counts(self, dataset) -> tuple[int, int, int]:
         args = self.args
@@ -131,6 +143,7 @@ class Trainer:
         self._place_components(components, device, weight_dtype)
         latents_strategy = self.family.latents_caching_strategy(args)
         latents_cached = self._cache_latents(dataset, latents_strategy, components, device)
+        self._cache_text_encoder_outputs(dataset, components, device)
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing(components)
 
@@ -279,6 +292,8 @@ class _Run:
     def _conditioning(self, batch: dict) -> dict:
         import torch
 
+        if "conditioning" in batch:  # cached text-encoder outputs
+            return {k: v.to(self.accelerator.device) for k, v in batch["conditioning"].items()}
         tokens = move_tokens(self.tokenize.tokenize(batch["captions"]), self.accelerator.device)
         with torch.set_grad_enabled(self.mode.trains_text_encoder):
             return self.encode_text.encode(self.components.text_encoders, tokens)
