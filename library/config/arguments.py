@@ -84,6 +84,7 @@ def validate_general_args(args: argparse.Namespace) -> None:
 def build_parser(family, mode: str) -> argparse.ArgumentParser:
     from library.config.dataset_args import add_dataset_arguments
     from library.data.dataset import add_caching_arguments
+    from library.data.text_encoder_cache import add_text_encoder_cache_arguments
     from library.training.lr_schedulers import add_lr_scheduler_arguments
     from library.training.optimizers import add_optimizer_arguments
 
@@ -94,6 +95,7 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     family.add_arguments(parser)
     add_dataset_arguments(parser)
     add_caching_arguments(parser)
+    add_text_encoder_cache_arguments(parser)
     family.add_noise_arguments(parser)
     add_optimizer_arguments(parser)
     add_lr_scheduler_arguments(parser)
@@ -108,10 +110,12 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
 
 def parse_training_args(family, mode: str, argv: list[str] | None = None) -> argparse.Namespace:
     from library.config.config_file import parse_args_with_config_file
+    from library.data.text_encoder_cache import validate_text_cache_args
 
     if mode not in TRAINING_MODES:
         raise ValueError(f"unknown training mode {mode!r}")
     args = parse_args_with_config_file(build_parser(family, mode), argv)
     validate_general_args(args)
+    validate_text_cache_args(args)
     family.validate_args(args)
     return args

@@ -128,7 +128,7 @@ def process_caption(
     only when token_warmup_step is a fraction (< 1) of the run.
     """
     caption = replace_trigger(caption, options.trigger_word)
-    if _is_caption_dropped(options, rng, epoch):
+    if is_caption_dropped(options, rng, epoch):
         return ""
     caption = _choose_line(caption, options.enable_wildcard, rng)
     caption = _add_prefix_suffix(caption, options)
@@ -142,7 +142,7 @@ def process_caption(
     return caption
 
 
-def _is_caption_dropped(options: CaptionOptions, rng: random.Random, epoch: int) -> bool:
+def is_caption_dropped(options: CaptionOptions, rng: random.Random, epoch: int) -> bool:
     # Draw only when the rate is set, so enabling other options does not shift the random stream.
     dropped = options.caption_dropout_rate > 0 and rng.random() < options.caption_dropout_rate
     every_n = options.caption_dropout_every_n_epochs

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 from library.config.dataset_spec import DatasetGroupSpec, DatasetSpec
 from library.data.buckets import BucketManager
-from library.data.captions import process_caption
+from library.data.captions import is_caption_dropped, process_caption
 from library.data.image_entries import (
     ImageEntry,
     SkipReport,
@@ -73,6 +73,7 @@ class TrainDataset:
         self._scanned = scanned_entries
         self.entries: list[ImageEntry] = []
         self._batches_cache: tuple[int, list[list[SampleRef]]] | None = None  # (epoch, its batches)
+        self.empty_conditioning: Optional[dict] = None  # set by the text-encoder output cache
         self._rebalance()
 
     @classmethod
@@ -210,6 +211,9 @@ class TrainDataset:
             "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
             "target_sizes_hw": torch.tensor([s["target_size_hw"] for s in samples], dtype=torch.long),
         }
+        if "conditioning" in samples[0]:
+            batch["conditioning"] = {key: torch.stack([s["conditioning"][key] for s in samples])
+                                     for key in samples[0]["conditioning"]}
         pixel_key = "latents" if "latents" in samples[0] else "images"
         if any(pixel_key not in s for s in samples):
             raise RuntimeError("a batch mixes cached latents and images: cache the latents of every entry")
@@ -232,13 +236,26 @@ class TrainDataset:
             sample = self._image_sample(entry, flip, rng)
             if sample is None:
                 return None
-        sample["caption"] = process_caption(entry.caption, subset.captions, rng, epoch, global_step, self.max_train_steps)
+        if entry.is_text_cached:
+            sample["caption"], sample["conditioning"] = self._cached_conditioning(entry, rng, epoch)
+        else:
+            sample["caption"] = process_caption(entry.caption, subset.captions, rng, epoch, global_step,
+                                                self.max_train_steps)
         sample["loss_weight"] = self.prior_loss_weight if entry.is_reg else 1.0
         sample["image_path"] = entry.image_path
         sample["target_size_hw"] = (entry.bucket_wh[1], entry.bucket_wh[0])
         if not subset.alpha_mask:
             sample["alpha"] = None
         return sample
+
+    def _cached_conditioning(self, entry: ImageEntry, rng: random.Random, epoch: int) -> tuple[str, dict]:
+        """Caption dropout picks the cached empty-caption conditioning, else this epoch's variant."""
+        from library.data.text_encoder_cache import load_conditioning
+
+        if is_caption_dropped(entry.subset.captions, rng, epoch):
+            return "", self.empty_conditioning
+        variant = rng.randrange(len(entry.caption_variants))
+        return entry.caption_variants[variant], load_conditioning(entry, variant)
 
     def _image_sample(self, entry: ImageEntry, flip: bool, rng: random.Random) -> Optional[dict]:
         try:

@@ -48,10 +48,19 @@ class ImageEntry:
     latents_flipped: Optional["torch.Tensor"] = field(default=None, repr=False)
     alpha_mask: Optional["torch.Tensor"] = field(default=None, repr=False)
     cache_path: Optional[str] = None
+    # Text-encoder output cache (library/data/text_encoder_cache.py): the caption variants and
+    # their conditioning, in memory or in a file.
+    caption_variants: Optional[list[str]] = field(default=None, repr=False)
+    text_outputs: Optional[list[dict]] = field(default=None, repr=False)
+    text_cache_path: Optional[str] = None
 
     def center_crop(self) -> CropPlan:
         """The deterministic resize and crop without random_crop: what cached latents were made from."""
         return plan_crop(self.image_size_wh, self.bucket_wh, False, random.Random(0), self.resized_wh)
+
+    @property
+    def is_text_cached(self) -> bool:
+        return self.text_outputs is not None or self.text_cache_path is not None
 
     @property
     def is_latent_cached(self) -> bool:
