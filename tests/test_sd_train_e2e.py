@@ -71,8 +71,14 @@ def test_lora_from_single_file_unet_only_with_step_saves(tiny_sd15_single_file, 
     output = tmp_path / "output"
     train("network", tiny_sd15_single_file, demo_image_root, output,
           *lora_args("--max_train_steps", "4", "--network_train_unet_only", "--save_every_n_steps", "1",
-                     "--save_last_n_steps", "1", "--cache_latents"))
+                     "--save_last_n_steps", "1", "--cache_latents", "--logging_dir", str(tmp_path / "logs")))
     names = sorted(os.listdir(output))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dirs = {root for root, _, files in os.walk(tmp_path / "logs")
+                  if any(f.startswith("events.out.tfevents") for f in files)}
+    logged = EventAccumulator(event_dirs.pop()).Reload()
+    assert [event.step for event in logged.Scalars("loss")] == [1, 2, 3, 4]  # TensorBoard got every step
     # steps 1..3 were saved; as in sd-scripts, --save_last_n_steps 1 keeps the saves of steps >= current - 1,
     # so step 1 was pruned when step 3 was saved; the end save is out.safetensors
     assert names == ["out-step00000002.safetensors", "out-step00000003.safetensors", "out.safetensors"]
