@@ -50,6 +50,7 @@ class LatentsCachingStrategy(ABC):
     family: str
     latent_channels: int
     vae_scale_factor: int = 8  # pixels per latent cell
+    vae_identity: str = ""  # which VAE weights: set by the family from its flags (see weights_identity)
 
     @abstractmethod
     def encode(self, vae: Any, images: "torch.Tensor") -> "torch.Tensor":
@@ -60,8 +61,30 @@ class LatentsCachingStrategy(ABC):
         """Inverse of encode, for sampling and checks: latents -> images in [-1,1]."""
 
     def cache_identity(self) -> dict[str, str]:
-        """Metadata that must match for a cached latent to be reused."""
-        return {"family": self.family, "latent_channels": str(self.latent_channels)}
+        """Metadata that must match for a cached latent to be reused (another VAE = stale cache)."""
+        return {"family": self.family, "latent_channels": str(self.latent_channels), "vae": self.vae_identity}
+
+
+def weights_identity(source: str | None) -> str:
+    """Names a weights source without loading it: file name, size and modification time of the
+    file (for a folder, of every weights file in it), or the hub id as given."""
+    import os
+
+    if not source:
+        return ""
+    if os.path.isfile(source):
+        files = [source]
+    elif os.path.isdir(source):
+        files = sorted(os.path.join(root, name) for root, _, names in os.walk(source) for name in names
+                       if name.endswith((".safetensors", ".bin", ".ckpt", ".pt")))
+    else:
+        return source
+    parts = []
+    for path in files:
+        stat = os.stat(path)
+        parts.append(f"{os.path.relpath(path, source) if path != source else os.path.basename(path)}:"
+                     f"{stat.st_size}:{stat.st_mtime_ns}")
+    return ";".join(parts)
 
 
 class TextEncoderOutputsCachingStrategy(ABC):

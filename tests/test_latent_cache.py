@@ -131,8 +131,8 @@ def test_disk_cache_written_then_reused(folder):
         metadata = f.metadata()
     stat = os.stat(os.path.join(folder, "a.png"))
     assert metadata == {
-        "format_version": CACHE_FORMAT_VERSION, "family": "fake", "latent_channels": "4",
-        "identity_keys": "family,latent_channels", "bucket": "64x64", "original_size": "64x64",
+        "format_version": CACHE_FORMAT_VERSION, "family": "fake", "latent_channels": "4", "vae": "",
+        "identity_keys": "family,latent_channels,vae", "bucket": "64x64", "original_size": "64x64",
         "resized_size": "64x64", "crop_left_top": "0,0", "source_size": str(stat.st_size),
         "source_mtime_ns": str(stat.st_mtime_ns), "flip": "0", "alpha_mask": "1",
     }
@@ -255,3 +255,19 @@ def test_image_damaged_after_scan_is_dropped_while_caching(folder, caplog):
 def test_caching_rejects_color_aug(folder):
     with pytest.raises(UserError, match="color_aug"):
         cache(make_dataset(folder, color_aug=True), CountingVae())
+
+
+def test_weights_identity_names_the_vae_without_loading_it(tmp_path):
+    from library.strategies import weights_identity
+
+    weights = tmp_path / "vae.safetensors"
+    weights.write_bytes(b"12345")
+    first = weights_identity(str(weights))
+    assert first.startswith("vae.safetensors:5:")
+    os.utime(weights, ns=(1, 1))
+    assert weights_identity(str(weights)) != first  # replaced weights make the cache stale
+    folder = tmp_path / "model"
+    (folder / "vae").mkdir(parents=True)
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    assert weights_identity(str(folder)).startswith("vae/diffusion_pytorch_model.safetensors:1:")
+    assert weights_identity("org/model-on-hub") == "org/model-on-hub"

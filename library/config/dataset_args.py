@@ -2,8 +2,8 @@
 
 Every dataset option flag defaults to None so `library/config/dataset_config.py` can tell a flag the
 user passed (on the command line or in a `--config_file`) from one left alone: without
-`--dataset_config` the passed flags become the dataset options, with it they are an error (they
-belong in the dataset file). The built-in default of each option is the default of the matching
+`--dataset_config` the passed flags become the dataset options, with it they are the lowest-priority
+defaults under its [general] section (as in sd-scripts); the folder flags are an error there. The built-in default of each option is the default of the matching
 field in `library/config/dataset_spec.py` and is shown in the help text.
 """
 

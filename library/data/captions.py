@@ -127,11 +127,10 @@ def process_caption(
     `step` is the number of optimizer steps done so far (token warmup); `max_train_steps` is needed
     only when token_warmup_step is a fraction (< 1) of the run.
     """
-    caption = replace_trigger(caption, options.trigger_word)
     if is_caption_dropped(options, rng, epoch):
         return ""
     caption = _choose_line(caption, options.enable_wildcard, rng)
-    caption = _add_prefix_suffix(caption, options)
+    caption = replace_trigger(_add_prefix_suffix(caption, options), options.trigger_word)
     if options.enable_wildcard:
         caption = expand_wildcards(caption, rng)
     warmup_steps = token_warmup_steps(options, max_train_steps)

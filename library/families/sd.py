@@ -115,7 +115,11 @@ class SDFamily(ModelFamily):
         return SDTextEncodingStrategy(clip_skip=args.clip_skip)
 
     def latents_caching_strategy(self, args) -> SDLatentsCachingStrategy:
-        return SDLatentsCachingStrategy()
+        from library.strategies import weights_identity
+
+        strategy = SDLatentsCachingStrategy()
+        strategy.vae_identity = weights_identity(args.vae or args.pretrained_model_name_or_path)
+        return strategy
 
     def text_encoder_outputs_caching_strategy(self, args) -> Optional[SDTextEncoderOutputsCachingStrategy]:
         return SDTextEncoderOutputsCachingStrategy(
