@@ -11,6 +11,8 @@ from library.errors import UserError, did_you_mean
 # name -> (module, class); later families add their line here
 FAMILY_CLASSES = {
     "sd": ("library.families.sd", "SDFamily"),
+    "sdxl": ("library.families.sdxl", "SDXLFamily"),
+    "flux": ("library.families.flux", "FluxFamily"),
 }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from library.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,22 +66,41 @@ class FullFineTuneMode:
     def __init__(self, family, args):
         self.family, self.args = family, args
         self.trains_denoiser = True
-        self.trains_text_encoder = bool(args.train_text_encoder)
+        self.trained_text_encoders: list | None = None  # known after prepare()
         self.save_extension = ".safetensors" if args.save_model_as == "safetensors" else ""
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        if self.trained_text_encoders is None:
+            return bool(self.args.train_text_encoder)
+        return bool(self.trained_text_encoders)
+
+    def text_encoder_lr(self, index: int) -> float:
+        """--learning_rate_te<N> where the family has one (SDXL), else --learning_rate_te, else --learning_rate."""
+        args = self.args
+        for lr in (getattr(args, f"learning_rate_te{index + 1}", None), args.learning_rate_te):
+            if lr is not None:
+                return lr
+        return args.learning_rate
 
     def prepare(self, components) -> list[dict]:
         freeze(components.vae)
         components.denoiser.requires_grad_(True)
         groups = [{"params": [p for p in components.denoiser.parameters()], "lr": self.args.learning_rate}]
-        for encoder in components.text_encoders:
-            encoder.requires_grad_(self.trains_text_encoder)
-            if self.trains_text_encoder:
-                lr = self.args.learning_rate_te if self.args.learning_rate_te is not None else self.args.learning_rate
+        self.trained_text_encoders = []
+        for index, encoder in enumerate(components.text_encoders):
+            lr = self.text_encoder_lr(index) if self.args.train_text_encoder else 0
+            encoder.requires_grad_(lr != 0)  # as in sd-scripts, a learning rate of 0 leaves the encoder frozen
+            if lr != 0:
+                self.trained_text_encoders.append(encoder)
                 groups.append({"params": list(encoder.parameters()), "lr": lr})
+        if self.args.train_text_encoder and not self.trained_text_encoders:
+            raise UserError("--train_text_encoder with every text-encoder learning rate 0 trains no text encoder: "
+                            "drop --train_text_encoder or set a non-zero text-encoder learning rate")
         return groups
 
     def trainable_modules(self, components) -> list:
-        return [components.denoiser] + (list(components.text_encoders) if self.trains_text_encoder else [])
+        return [components.denoiser] + list(self.trained_text_encoders or [])
 
     def replace_prepared(self, prepared: list) -> None:
         pass  # the components keep the unwrapped modules; accelerate wraps only for distribution

@@ -1,0 +1,6 @@
+"""Train all weights of an SDXL model, optionally both text encoders (sd-scripts' flags; see --help)."""
+
+from library.cli import run_training
+
+if __name__ == "__main__":
+    run_training(family_name="sdxl", mode="full")
