@@ -17,6 +17,13 @@ def tiny_sd15_folder(tmp_path_factory):
     return save_tiny_sd15_pipeline(str(tmp_path_factory.mktemp("tiny_sd15")))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    from library.models.tiny_sdxl import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny_sdxl")))
+
+
 @pytest.fixture
 def demo_image_root(tmp_path):
     """`<tmp>/images/5_shape/*.png` + captions: sd-scripts' train_data_dir convention."""

@@ -33,27 +33,28 @@ def encode_counter(monkeypatch):
     return encoded
 
 
-def test_disk_cache_is_reused_and_only_an_edited_caption_is_rebuilt(tiny_sd15_folder, demo_image_root, tmp_path,
-                                                                    encode_counter):
-    common = argv(tiny_sd15_folder, demo_image_root, tmp_path / "out", "--max_train_steps", "1",
+@pytest.mark.parametrize("family, model_fixture", [("sd", "tiny_sd15_folder"), ("sdxl", "tiny_sdxl_folder")])
+def test_disk_cache_is_reused_and_only_an_edited_caption_is_rebuilt(family, model_fixture, request, demo_image_root,
+                                                                    tmp_path, encode_counter):
+    common = argv(request.getfixturevalue(model_fixture), demo_image_root, tmp_path / "out", "--max_train_steps", "1",
                   "--cache_text_encoder_outputs_to_disk")
-    run_training("sd", "network", common)
+    run_training(family, "network", common)
     assert len(encode_counter) == 6
     folder = os.path.join(demo_image_root, "1_shape")
-    cache_files = sorted(f for f in os.listdir(folder) if f.endswith("_sd_te.safetensors"))
+    cache_files = sorted(f for f in os.listdir(folder) if f.endswith(f"_{family}_te.safetensors"))
     assert len(cache_files) == 6
     mtimes = {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in cache_files}
 
     encode_counter.clear()
-    run_training("sd", "network", common)
+    run_training(family, "network", common)
     assert encode_counter == []  # everything reused
 
     with open(os.path.join(folder, "02_green_triangle.caption"), "w", encoding="utf-8") as f:
         f.write("a lime triangle\n")
-    run_training("sd", "network", common)
+    run_training(family, "network", common)
     assert encode_counter == ["a lime triangle"]
     changed = [f for f in cache_files if os.stat(os.path.join(folder, f)).st_mtime_ns != mtimes[f]]
-    assert changed == ["02_green_triangle_sd_te.safetensors"]
+    assert changed == [f"02_green_triangle_{family}_te.safetensors"]
 
 
 def cached_dataset(model, images, tmp_path, *extra):
