@@ -3,8 +3,10 @@
 This is `--network_module networks.lora`. It follows sd-scripts' networks/lora.py in behaviour and
 file format (kohya keys, alpha scaling, conv_dim for 3x3 convolutions, rank/module dropout, LoRA+
 learning-rate ratios) but is family-agnostic: which layers get LoRA and how they are named in files
-comes from the family's targets. The layer adapters live in networks/lora_modules.py and the file
-reading/writing in networks/lora_files.py.
+comes from the family's targets. The layer adapters live in networks/lora_modules.py (one layer) and
+networks/lora_fused.py (layers a file fuses, e.g. FLUX's qkv), file reading/writing in
+networks/lora_files.py. Targets may set per-module ranks (`module_rank`) and ask for PEFT/diffusers
+keys instead of kohya names (`save_format`, written by `diffusers_state_dict`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from library.errors import UserError, did_you_mean
 from library.families.base import LoraTarget
 from networks.lora_files import file_alpha, group_by_module, read_lora_file, save_lora_file
+from networks.lora_fused import FusedLoRAModule
 from networks.lora_modules import FoundLayer, LoRAModule, find_lora_layers
 
 logger = logging.getLogger(__name__)
@@ -123,8 +126,12 @@ class LoRANetwork(nn.Module):
         self._by_name: dict[str, LoRAModule] = {}
         self._text_encoder_names: set[str] = set()
         self._conv3x3_names: set[str] = set()
+        self._diffusers_paths: dict[str, list[str]] = {}  # module name -> PEFT paths of its layers
+        self._family_network_args: dict[str, str] = {}
+        self._save_formats = {target.save_format for target, _ in layers} or {"kohya"}
         for target, found in layers:
             self._add_lora(target, found)
+            self._family_network_args.update(target.network_args)
         self._applied = False
 
     def _add_lora(self, target: LoraTarget, found: FoundLayer) -> None:
@@ -132,10 +139,17 @@ class LoRANetwork(nn.Module):
         if name in self._by_name:
             raise ValueError(f"two layers map to the LoRA name {name}; the family's rename is not one-to-one")
         o = self.options
-        rank, alpha = (o.conv_dim, o.conv_alpha) if found.is_conv3x3 else (o.dim, o.alpha)
-        module = LoRAModule(name, found.layer, rank, alpha, self.multiplier,
-                            o.dropout, o.rank_dropout, o.module_dropout)
+        rank, alpha = (o.conv_dim, o.conv_alpha) if found.is_conv3x3 else (module_rank(target, name, o.dim), o.alpha)
+        if found.members:
+            module = FusedLoRAModule(name, [layer for _, layer in found.members], rank, alpha, self.multiplier,
+                                     o.dropout, o.rank_dropout, o.module_dropout)
+        else:
+            module = LoRAModule(name, found.layer, rank, alpha, self.multiplier,
+                                o.dropout, o.rank_dropout, o.module_dropout)
         self.add_module(name, module)
+        paths = [path for path, _ in found.members] or [found.path]
+        if target.diffusers_prefix:
+            self._diffusers_paths[name] = [f"{target.diffusers_prefix}.{path}" for path in paths]
         self._by_name[name] = module
         if target.is_text_encoder:
             self._text_encoder_names.add(name)
@@ -224,12 +238,40 @@ class LoRANetwork(nn.Module):
             "ss_network_dim": str(o.dim),
             "ss_network_alpha": str(o.alpha),
             "ss_network_dropout": str(o.dropout),
-            "ss_network_args": json.dumps(o.network_args),
+            "ss_network_args": json.dumps({**o.network_args, **self._family_network_args}),
         }
 
+    @property
+    def diffusers_paths(self) -> dict[str, list[str]]:
+        """kohya module name -> the PEFT/diffusers paths of the layers it changes (fused: several)."""
+        return {name: list(paths) for name, paths in self._diffusers_paths.items()}
+
+    @property
+    def save_format(self) -> str:
+        if len(self._save_formats) != 1:
+            raise ValueError(f"LoRA targets ask for different file layouts {sorted(self._save_formats)}")
+        return next(iter(self._save_formats))
+
+    def diffusers_state_dict(self) -> dict[str, torch.Tensor]:
+        """PEFT/diffusers keys (`transformer.<path>.lora_A.weight`/`lora_B.weight`), alpha / rank folded
+        into lora_B so loaders that assume alpha = rank apply the same update; fused modules give each
+        member layer the shared lora_A and its rows of lora_B."""
+        tensors = {}
+        for name, module in self._by_name.items():
+            if name not in self._diffusers_paths:
+                raise UserError(f"LoRA module {name} has no diffusers name; save it with the kohya layout")
+            up = module.lora_up.weight.detach() * module.scale
+            rows = getattr(module, "row_ranges", [(0, up.shape[0])])
+            for path, (start, stop) in zip(self._diffusers_paths[name], rows):
+                tensors[f"{path}.lora_A.weight"] = module.lora_down.weight.detach().clone()  # one tensor per key
+                tensors[f"{path}.lora_B.weight"] = up[start:stop]
+        return tensors
+
     def save_weights(self, path: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
-        """Write a kohya LoRA file atomically, tensors in `dtype` (None: as trained)."""
-        tensors = {k: (v.to(dtype) if dtype is not None else v) for k, v in self.state_dict().items()}
+        """Write a kohya (or, when the targets ask, PEFT/diffusers) LoRA file atomically, tensors in
+        `dtype` (None: as trained)."""
+        state = self.diffusers_state_dict() if self.save_format == "diffusers" else self.state_dict()
+        tensors = {k: (v.to(dtype) if dtype is not None else v) for k, v in state.items()}
         save_lora_file(tensors, path, {**(metadata or {}), **self.metadata()})
 
     def load_weights(self, path: str) -> int:
@@ -307,12 +349,21 @@ def create_network(
         found = find_lora_layers(target, with_conv3x3=options.conv_dim is not None)
         if not found:
             raise ValueError(f"LoRA target {target.prefix} has no Linear/Conv2d inside {target.container_classes}")
-        layers += [(target, layer) for layer in found]
+        layers += [(target, layer) for layer in found
+                   if layer.is_conv3x3 or module_rank(target, target.file_name(layer.path), options.dim) != 0]
+    if not layers:
+        raise UserError("the --network_args select no module to train (every rank is 0 or every block is left out)")
     _reject_ineffective_options(options, layers)
     network = LoRANetwork(options, layers, multiplier)
     logger.info("LoRA network: %d modules, rank %d, alpha %g%s", len(layers), options.dim, options.alpha,
                 f", 3x3 convs rank {options.conv_dim} alpha {options.conv_alpha:g}" if options.conv_dim else "")
     return network
+
+
+def module_rank(target: LoraTarget, name: str, default: int) -> int:
+    """The rank of module `name`: the target's per-module choice, else the network's --network_dim."""
+    chosen = target.module_rank(name) if target.module_rank else None
+    return default if chosen is None else chosen
 
 
 def _reject_ineffective_options(options: LoRAOptions, layers: list[tuple[LoraTarget, FoundLayer]]) -> None:

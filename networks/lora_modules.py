@@ -9,7 +9,8 @@ down output), rank dropout and module dropout act only in training mode.
 
 `find_lora_layers` walks a target the way sd-scripts does: every Linear and 1x1 Conv2d inside a
 container class gets LoRA; with conv_dim, the 3x3-conv containers join the containers and every
-larger-kernel Conv2d gets a LoRA of rank conv_dim.
+larger-kernel Conv2d gets a LoRA of rank conv_dim. Linears a target lists in `fused_groups` form one
+FoundLayer with `members` (one LoRA module for all of them, networks/lora_fused.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class FoundLayer:
     path: str
     layer: nn.Module
     is_conv3x3: bool  # any Conv2d with a kernel larger than 1x1 (trained with conv_dim/conv_alpha)
+    members: tuple = ()  # (path, Linear) pairs one fused LoRA module covers; path/layer are the first
 
 
 def _layer_kind(module: nn.Module) -> str | None:
@@ -55,14 +57,46 @@ def find_lora_layers(target: LoraTarget, with_conv3x3: bool) -> list[FoundLayer]
     for container_path, container in target.root.named_modules():
         if type(container).__name__ not in containers:
             continue
+        fused = _fused_layers(container, container_path, target.fused_groups.get(type(container).__name__, ()))
         for child_path, child in container.named_modules():
             kind = _layer_kind(child)
             if kind is None or id(child) in seen or (kind == "conv" and not with_conv3x3):
+                continue
+            if id(child) in fused:  # the group's first member to come up stands for all of them
+                group = fused[id(child)]
+                seen.update(id(layer) for _, layer in group.members)
+                found.append(group)
                 continue
             seen.add(id(child))
             path = ".".join(part for part in (container_path, child_path) if part)
             found.append(FoundLayer(path=path, layer=child, is_conv3x3=kind == "conv"))
     return found
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        return module.get_submodule(path) is not None
+    except AttributeError:
+        return False
+
+
+def _fused_layers(container: nn.Module, container_path: str, groups) -> dict[int, FoundLayer]:
+    """id(member Linear) -> the FoundLayer of its fused group, for the groups this container has."""
+    by_member: dict[int, FoundLayer] = {}
+    for group in groups:
+        if not all(_has_submodule(container, relative) for relative in group):
+            continue  # a group only some containers have (SD3.5's attn2 is in its dual-attention blocks only)
+        members = []
+        for relative in group:
+            layer = container.get_submodule(relative)
+            if not isinstance(layer, nn.Linear):
+                raise ValueError(f"fused LoRA group member {relative} of {container_path} is not a Linear")
+            members.append((".".join(p for p in (container_path, relative) if p), layer))
+        if len({layer.in_features for _, layer in members}) != 1:
+            raise ValueError(f"fused LoRA group {group} of {container_path} has members with different inputs")
+        found = FoundLayer(path=members[0][0], layer=members[0][1], is_conv3x3=False, members=tuple(members))
+        by_member.update({id(layer): found for _, layer in members})
+    return by_member
 
 
 class LoRAModule(nn.Module):
@@ -126,6 +160,11 @@ class LoRAModule(nn.Module):
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """up(down(x)) * multiplier * scale, with the training-time dropouts."""
+        hidden, scale = self.down_projection(x)
+        return self.lora_up(hidden) * scale
+
+    def down_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(down(x) after the neuron and rank dropouts, the scale its up projection is multiplied by)."""
         hidden = self.lora_down(x.to(self.lora_down.weight.dtype))
         scale = self.scale * self.multiplier
         if self.training and self.dropout:
@@ -133,7 +172,7 @@ class LoRAModule(nn.Module):
         if self.training and self.rank_dropout:
             hidden = hidden * self._rank_keep_mask(hidden)
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller
-        return self.lora_up(hidden) * scale
+        return hidden, scale
 
     def _rank_keep_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """One keep/drop draw per sample and rank channel, broadcast over tokens or pixels."""

@@ -55,10 +55,38 @@ class LoraTarget:
     file_path_prefix: str = ""
     rename: Optional[Callable[[str], str]] = None
     is_text_encoder: bool = False
+    # layers one LoRA module covers because the file fuses them (BFL's qkv): container class -> groups
+    # of child paths relative to the container, in the fused tensor's row order (networks/lora_fused.py)
+    fused_groups: dict = field(default_factory=dict)
+    module_rank: Optional[Callable[[str], Optional[int]]] = None  # file name -> rank (None: default, 0: none)
+    network_args: dict = field(default_factory=dict)  # family --network_args that shaped this target
+    diffusers_prefix: str = ""  # pipeline component for PEFT/diffusers keys ("transformer", "text_encoder")
+    save_format: str = "kohya"  # LoRA file layout: "kohya" or "diffusers" (PEFT keys)
 
     def file_name(self, module_path: str) -> str:
         path = self.rename(module_path) if self.rename else module_path
         return f"{self.prefix}_" + (self.file_path_prefix + path).replace(".", "_")
+
+
+@dataclass(frozen=True)
+class LoraWeightSlice:
+    """A LoRA module that changes one checkpoint tensor: W[rows] += scale * up @ down.
+
+    `rows` (start, stop) along dim 0 is set where the file fuses several layers into one tensor
+    (e.g. OpenCLIP's in_proj = q, k, v); None means the whole tensor.
+    """
+
+    lora_name: str  # kohya module name, e.g. "lora_unet_down_blocks_0_attentions_0_proj_in"
+    rows: Optional[tuple[int, int]] = None
+
+
+@dataclass(frozen=True)
+class LoraModuleNames:
+    """One layer a LoRA may change, named as in each LoRA file layout (library/lora_formats.py)."""
+
+    kohya: str  # "lora_unet_down_blocks_0_attentions_0_proj_in"
+    diffusers: str  # PEFT module path with the pipeline component: "unet.down_blocks.0.attentions.0.proj_in"
+    comfy: str  # ComfyUI's generic name: "diffusion_model.input_blocks.1.1.proj_in"
 
 
 class ModelFamily(ABC):
@@ -123,8 +151,61 @@ class ModelFamily(ABC):
     def build_pipeline(self, components: ModelComponents, scheduler=None):
         """A diffusers pipeline over the in-memory components (no second copy), for sampling."""
 
+    # ---- sample images during training (library/training/sampling.py) -----------------------------
+    sample_size_multiple = 64  # sample widths/heights are rounded down to this (latent stride of the denoiser)
+    sample_default_steps = 30  # sd-scripts' default when a prompt has no --s
+
+    def sampling_scheduler(self, components: ModelComponents, sampler: str):
+        """The diffusers scheduler for sd-scripts' sampler name (--sample_sampler / --ss); DDPM-trained
+        families get it from their training noise schedule, others override this."""
+        from library.training.sampling import ddpm_sampling_scheduler
+
+        return ddpm_sampling_scheduler(components.noise_scheduler, sampler)
+
+    def sample_pipeline_kwargs(self, prompt, args) -> dict:
+        """Pipeline call arguments of one SamplePrompt besides prompt, size, steps and generator:
+        here classifier-free guidance (--l, default 7.5 as in sd-scripts) and the negative prompt."""
+        kwargs = {"guidance_scale": 7.5 if prompt.scale is None else prompt.scale}
+        if prompt.negative_prompt:
+            kwargs["negative_prompt"] = prompt.negative_prompt
+        return kwargs
+
+    def unused_sample_options(self, prompt) -> list[str]:
+        """Prompt-file options (e.g. "--g") that this family's sampling ignores, for a warning."""
+        return ["--g"] if prompt.guidance_scale is not None else []
+
+    def sampling_mode(self, components: ModelComponents):
+        """Context manager around sampling (block-swapping families switch to forward-only swaps)."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
     @abstractmethod
     def save_full_model(
         self, components: ModelComponents, path: str, save_as: str, dtype: "torch.dtype", metadata: dict
     ) -> None:
         """Write a full fine-tune: save_as "safetensors" (single file) or "diffusers" (folder)."""
+
+    # ---- the stand-alone tools (tools/*.py) ---------------------------------------------------------
+
+    def load_vae(self, args: "argparse.Namespace"):
+        """Only the VAE, for tools/cache_latents.py (families override this to skip the other weights)."""
+        return self.load(args).vae
+
+    def checkpoint_lora_slices(self, shapes: dict, component: str) -> dict[str, list[LoraWeightSlice]]:
+        """Which kohya LoRA modules change which tensors of one checkpoint file (tools/merge_lora.py).
+
+        `shapes` maps the file's tensor names to shape-only stand-ins (`.shape`, `.ndim`); `component`
+        is "checkpoint" for a single-file model, else the diffusers subfolder ("unet", "text_encoder",
+        "transformer", ...). Tensors no LoRA can change are left out.
+        """
+        from library.errors import UserError
+
+        raise UserError(f"tools/merge_lora.py cannot merge into {self.display_name} checkpoints yet")
+
+    def lora_module_names(self) -> list[LoraModuleNames]:
+        """Every layer a LoRA file of this family may name (at the largest released model size), in
+        each layout, so LoRA files convert between layouts without loading a model."""
+        from library.errors import UserError
+
+        raise UserError(f"tools/convert_lora.py cannot convert {self.display_name} LoRA files yet")

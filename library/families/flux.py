@@ -1,0 +1,473 @@
+"""The FLUX.1 family (dev and schnell): flags, loading, strategies, flow matching, the transformer call,
+LoRA targets in BFL names, fp8 storage and block swapping.
+
+Flags keep sd-scripts' flux_train_network.py names: --clip_l/--t5xxl/--ae (single files), --t5xxl_max_token_length
+(default 512 for dev, 256 for schnell, detected from the transformer: schnell has no guidance weights),
+--apply_t5_attn_mask, --guidance_scale, --fp8_base/--fp8_base_unet (transformer Linear weights stored
+in float8_e4m3fn through diffusers' layerwise casting, computed in the mixed-precision dtype; the text
+encoders are not cast), --blocks_to_swap (library/offload.py, sd-scripts' split: N/2 double blocks and
+2 x the rest single blocks), and the flow-matching flags (library/training/flow_matching.py) instead
+of DDPM's. --t5_tokenizer is ours: where the T5 vocabulary comes from offline.
+`predict` packs latents 2x2 into tokens, builds image/text position ids and the guidance input (dev),
+unpacks the prediction and applies --model_prediction_type. LoRA modules are named as in BFL files
+(`lora_unet_double_blocks_0_img_attn_qkv`, ...): BFL's fused linears are one LoRA module over
+diffusers' separate q/k/v (networks/lora_fused.py). Family --network_args: train_blocks, train_t5xxl,
+img_attn_dim ... single_mod_dim, train_double_block_indices, train_single_block_indices (sd-scripts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from typing import Optional
+
+from library.errors import UserError
+from library.families.base import LoraTarget, ModelComponents, ModelFamily
+from library.families.flux_text import (
+    FluxLatentsCachingStrategy,
+    FluxTextEncoderOutputsCachingStrategy,
+    FluxTextEncodingStrategy,
+    FluxTokenizeStrategy,
+    text_encoders_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+DOUBLE_BLOCK, SINGLE_BLOCK = "FluxTransformerBlock", "FluxSingleTransformerBlock"
+TRAIN_BLOCKS = {"all": (DOUBLE_BLOCK, SINGLE_BLOCK), "double": (DOUBLE_BLOCK,), "single": (SINGLE_BLOCK,)}
+CLIP_CONTAINERS = ("CLIPAttention", "CLIPMLP")
+T5_CONTAINERS = ("T5Attention", "T5DenseGatedActDense", "T5DenseActDense")
+# sd-scripts' per-type ranks: key -> substrings of the LoRA name that select the modules it sizes
+TYPE_DIMS = {
+    "img_attn_dim": ("img_attn",), "txt_attn_dim": ("txt_attn",), "img_mlp_dim": ("img_mlp",),
+    "txt_mlp_dim": ("txt_mlp",), "img_mod_dim": ("img_mod",), "txt_mod_dim": ("txt_mod",),
+    "single_dim": ("single_blocks", "linear"), "single_mod_dim": ("modulation",),
+}
+BLOCK_SELECTIONS = {"train_double_block_indices": "double_blocks", "train_single_block_indices": "single_blocks"}
+FAMILY_NETWORK_ARGS = ("train_blocks", "train_t5xxl", *TYPE_DIMS, *BLOCK_SELECTIONS)
+DEFAULT_GUIDANCE_SCALE = 3.5
+
+
+# ---- latents as tokens ------------------------------------------------------------------------------
+
+def pack_latents(latents):
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: each 2x2 patch becomes one token (BFL / diffusers order)."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens, height: int, width: int):
+    """Inverse of pack_latents for latents of [height, width]."""
+    b, _, packed_channels = tokens.shape
+    c = packed_channels // 4
+    return tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+def image_position_ids(height: int, width: int, device, dtype):
+    """[(H/2)(W/2), 3] ids: 0, row, column of each packed token."""
+    import torch
+
+    ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(height // 2, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(width // 2, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+# ---- family --network_args --------------------------------------------------------------------------
+
+def split_family_network_args(args: argparse.Namespace) -> dict[str, str]:
+    """Move FLUX's own --network_args keys out of args.network_args (networks.lora sees the rest) into
+    args.flux_network_args; idempotent, so load() may validate again."""
+    from networks.network_arguments import parse_network_args
+
+    family = dict(getattr(args, "flux_network_args", {}) or {})
+    entries = getattr(args, "network_args", None)
+    if entries:
+        parsed = parse_network_args(entries)
+        family.update({k: v for k, v in parsed.items() if k in FAMILY_NETWORK_ARGS})
+        args.network_args = [f"{k}={v}" for k, v in parsed.items() if k not in FAMILY_NETWORK_ARGS]
+    args.flux_network_args = family
+    return family
+
+
+def _parse_selection(key: str, text: str) -> Optional[set]:
+    """"all" -> None (every block), "none"/"" -> empty, "0-3,7" -> {0, 1, 2, 3, 7}."""
+    text = text.strip()
+    if text == "all":
+        return None
+    chosen: set = set()
+    for part in filter(None, (p.strip() for p in text.split(",") if text != "none")):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            raise UserError(f"--network_args {key}={text}: use all, none or indices and ranges like 0-3,7")
+        chosen.update(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
+    return chosen
+
+
+class FluxLoraSettings:
+    """The family --network_args, validated."""
+
+    def __init__(self, given: dict[str, str]):
+        self.given = dict(given)
+        self.train_blocks = given.get("train_blocks", "all")
+        if self.train_blocks not in TRAIN_BLOCKS:
+            raise UserError(f"--network_args train_blocks={self.train_blocks}: use all, single or double")
+        flag = given.get("train_t5xxl", "false").lower()
+        if flag not in ("true", "false"):
+            raise UserError(f"--network_args train_t5xxl={given['train_t5xxl']}: use True or False")
+        self.train_t5xxl = flag == "true"
+        self.type_dims = {}
+        for key in TYPE_DIMS:
+            if key in given:
+                if not given[key].isdigit():
+                    raise UserError(f"--network_args {key}={given[key]}: expected a rank (0 leaves those modules out)")
+                self.type_dims[key] = int(given[key])
+        self.selections = {key: _parse_selection(key, given[key]) for key in BLOCK_SELECTIONS if key in given}
+
+    def check_block_counts(self, counts: dict[str, int]) -> None:
+        for key, chosen in self.selections.items():
+            count = counts[BLOCK_SELECTIONS[key]]
+            if chosen and max(chosen) >= count:
+                raise UserError(f"--network_args {key}: block {max(chosen)} does not exist (the model has {count})")
+
+    def module_rank(self, name: str) -> Optional[int]:
+        """Rank of the transformer LoRA module `name` (lora_unet_...); None means --network_dim."""
+        rank = next((self.type_dims[key] for key, marks in TYPE_DIMS.items()
+                     if key in self.type_dims and all(mark in name for mark in marks)), None)
+        match = re.match(r"lora_unet_(double_blocks|single_blocks)_(\d+)_", name)
+        for key, blocks in BLOCK_SELECTIONS.items():
+            chosen = self.selections.get(key)
+            if match and match.group(1) == blocks and chosen is not None and int(match.group(2)) not in chosen:
+                return 0
+        return rank
+
+
+def flux_swap_split(blocks_to_swap: int, num_double: int, num_single: int) -> tuple[int, int]:
+    """sd-scripts' split of --blocks_to_swap: N // 2 double blocks and 2 x (N - N // 2) single blocks
+    (a single block is about half a double block); at least two of each list stay on the GPU."""
+    double, single = blocks_to_swap // 2, (blocks_to_swap - blocks_to_swap // 2) * 2
+    if blocks_to_swap < 0 or double > num_double - 2 or single > num_single - 2:
+        largest = max((n for n in range(0, 2 * (num_double + num_single))
+                       if n // 2 <= num_double - 2 and (n - n // 2) * 2 <= num_single - 2), default=0)
+        raise UserError(f"--blocks_to_swap {blocks_to_swap}: this FLUX model ({num_double} double and {num_single} "
+                        f"single blocks) can swap at most {largest}")
+    return double, single
+
+
+def enable_block_swap(transformer, blocks_to_swap: int, backend, trains_weights: bool = False,
+                      record_events: bool = False):
+    """Swap blocks of a FLUX transformer whose other parts are already on backend.device."""
+    from library.offload import BlockSwapper
+
+    double, single = flux_swap_split(blocks_to_swap, len(transformer.transformer_blocks),
+                                     len(transformer.single_transformer_blocks))
+    groups = [("double", transformer.transformer_blocks, double),
+              ("single", transformer.single_transformer_blocks, single)]
+    swapper = BlockSwapper(transformer, groups, backend, trains_weights=trains_weights, record_events=record_events)
+    logger.info("block swap: %d of %d double and %d of %d single blocks stay in CPU memory (%.2f GB less VRAM)",
+                double, len(transformer.transformer_blocks), single, len(transformer.single_transformer_blocks),
+                swapper.swapped_bytes() / 1e9)
+    return swapper
+
+
+class FluxFamily(ModelFamily):
+    """FLUX.1 dev / schnell with CLIP-L, T5-XXL and the 16-channel AE."""
+
+    name = "flux"
+    display_name = "FLUX.1"
+    base_model_version = "flux1"
+
+    def __init__(self) -> None:
+        self.is_schnell = False
+        self.flow_options = None
+        self.lora_settings = FluxLoraSettings({})
+        self.encoders_fingerprint = ""
+        self.block_swapper = None
+        # what the run asked for; set from the arguments by validate_args
+        self.apply_t5_attn_mask = False
+        self.guidance_scale = DEFAULT_GUIDANCE_SCALE
+        self.save_lora_format = "kohya"
+
+    @property
+    def modelspec_architecture(self) -> str:
+        return "flux-1-schnell" if self.is_schnell else "flux-1-dev"
+
+    # ---- arguments ----------------------------------------------------------------------------------
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("FLUX.1 model")
+        group.add_argument("--pretrained_model_name_or_path", required=True,
+                           help="FLUX.1 transformer file (flux1-dev.safetensors, BFL layout, bf16/fp16/fp8) or a "
+                                "diffusers FLUX folder (or hub id, needs network)")
+        group.add_argument("--clip_l", default=None, help="clip_l.safetensors (required with a transformer file)")
+        group.add_argument("--t5xxl", default=None, help="t5xxl_fp16.safetensors or fp8 (required with a transformer file)")
+        group.add_argument("--ae", default=None, help="ae.safetensors (required with a transformer file)")
+        group.add_argument("--t5_tokenizer", default=None,
+                           help="folder with the T5 tokenizer (spiece.model or tokenizer.json) or a .model file; "
+                                "default: the diffusers folder's tokenizer_2, else google/t5-v1_1-xxl from the hub")
+        group.add_argument("--t5xxl_max_token_length", type=int, default=None,
+                           help="T5 tokens per caption (default 512 for dev, 256 for schnell)")
+        group.add_argument("--apply_t5_attn_mask", action="store_true",
+                           help="mask T5 padding in T5 and in the transformer's attention")
+        group.add_argument("--guidance_scale", type=float, default=None,
+                           help=f"guidance input of the guidance-distilled dev model (default {DEFAULT_GUIDANCE_SCALE})")
+        group.add_argument("--fp8_base", action="store_true",
+                           help="store the frozen transformer in float8_e4m3fn, compute in the mixed-precision dtype")
+        group.add_argument("--fp8_base_unet", action="store_true",
+                           help="the same as --fp8_base here (the text encoders are never stored in fp8)")
+        group.add_argument("--blocks_to_swap", type=int, default=None,
+                           help="keep this many transformer blocks in CPU memory, moving them to the GPU when needed")
+        group.add_argument("--save_lora_format", choices=("kohya", "diffusers"), default="kohya",
+                           help="LoRA file keys: kohya (BFL names, default; ComfyUI, sd-scripts, diffusers) or "
+                                "diffusers (PEFT keys)")
+
+    def add_noise_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from library.training.flow_matching import add_flow_matching_arguments
+
+        add_flow_matching_arguments(parser)
+
+    def validate_args(self, args: argparse.Namespace) -> None:
+        from library.training.flow_matching import FlowMatchingOptions, reject_ddpm_flags
+
+        reject_ddpm_flags(args, self.display_name)
+        self.flow_options = FlowMatchingOptions.from_args(args)
+        self.apply_t5_attn_mask = bool(args.apply_t5_attn_mask)
+        self.guidance_scale = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+        self.save_lora_format = args.save_lora_format
+        if args.t5xxl_max_token_length is not None and args.t5xxl_max_token_length < 1:
+            raise UserError(f"--t5xxl_max_token_length must be at least 1 (got {args.t5xxl_max_token_length})")
+        self._validate_memory_flags(args)
+        if hasattr(args, "save_model_as"):  # only full fine-tune parsers have it
+            if args.save_lora_format != "kohya":
+                raise UserError("--save_lora_format applies to LoRA training only")
+        else:
+            self._validate_lora_flags(args)
+
+    def _validate_memory_flags(self, args) -> None:
+        fp8 = args.fp8_base or args.fp8_base_unet
+        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
+            raise UserError(f"--blocks_to_swap must be 0 or more (got {args.blocks_to_swap})")
+        if args.blocks_to_swap:
+            import torch
+
+            from library.offload import require_cuda
+
+            require_cuda("cuda" if torch.cuda.is_available() else "cpu")  # fail before loading the model
+        if fp8 and hasattr(args, "save_model_as"):
+            raise UserError("--fp8_base stores frozen weights in float8; it cannot be used when the transformer trains")
+        if fp8 and not args.gradient_checkpointing:
+            logger.warning("--fp8_base without --gradient_checkpointing: backward keeps full-precision copies of "
+                           "the weights it needs, so fp8 storage saves little memory")
+
+    def _validate_lora_flags(self, args) -> None:
+        self.lora_settings = FluxLoraSettings(split_family_network_args(args))
+        if self.lora_settings.train_t5xxl and args.network_train_unet_only:
+            raise UserError("--network_args train_t5xxl=True trains a text encoder; drop --network_train_unet_only")
+        if self.lora_settings.train_t5xxl and args.save_lora_format == "diffusers":
+            raise UserError("--save_lora_format diffusers cannot hold T5 LoRA modules (diffusers' FluxPipeline "
+                            "loads LoRA into the transformer and CLIP only); drop train_t5xxl or save kohya files")
+
+    def t5_max_length(self, args) -> int:
+        return args.t5xxl_max_token_length or (256 if self.is_schnell else 512)
+
+    # ---- loading ------------------------------------------------------------------------------------
+
+    def load(self, args: argparse.Namespace) -> ModelComponents:
+        from library.models.flux_checkpoint import load_flux_models
+        from library.models.flux_checkpoint import flux_sampling_scheduler
+        from library.training.trainer import torch_dtype
+
+        self.validate_args(args)
+        models = load_flux_models(args.pretrained_model_name_or_path, args.clip_l, args.t5xxl, args.ae,
+                                  args.t5_tokenizer, dtype=torch_dtype(args.mixed_precision),
+                                  keep_fp8=args.fp8_base or args.fp8_base_unet)
+        self.is_schnell = models.is_schnell
+        if self.is_schnell and args.guidance_scale is not None:
+            raise UserError("--guidance_scale has no effect: this is a FLUX.1 schnell model (no guidance input)")
+        self.encoders_fingerprint = text_encoders_fingerprint(models.clip_l, models.t5xxl)
+        logger.info("FLUX.1 %s, T5 length %d", "schnell" if self.is_schnell else "dev", self.t5_max_length(args))
+        return ModelComponents(
+            denoiser=models.transformer, vae=models.vae, text_encoders=[models.clip_l, models.t5xxl],
+            tokenizers=[models.clip_tokenizer, models.t5_tokenizer], noise_scheduler=flux_sampling_scheduler(),
+            source=args.pretrained_model_name_or_path,
+        )
+
+    def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
+        """fp8 storage (layerwise casting) and/or block swap, else a plain move to device and dtype."""
+        from library.offload import CudaTransferBackend, require_cuda
+        from library.training.trainer import move_module
+
+        transformer = components.denoiser
+        fp8, swap = args.fp8_base or args.fp8_base_unet, bool(args.blocks_to_swap)
+        if swap:
+            require_cuda(device)
+        if not fp8 and not swap:
+            move_module(transformer, device, dtype)
+            return
+        if fp8:
+            store_in_fp8(transformer, dtype)
+        else:
+            move_module(transformer, "cpu", dtype)
+        if not swap:
+            transformer.to(device)
+            return
+        swapped = (transformer.transformer_blocks, transformer.single_transformer_blocks)
+        for child in transformer.children():
+            if not any(child is blocks for blocks in swapped):
+                child.to(device)
+        self.block_swapper = enable_block_swap(transformer, args.blocks_to_swap, CudaTransferBackend(device),
+                                               trains_weights=hasattr(args, "save_model_as"))
+
+    # ---- strategies ---------------------------------------------------------------------------------
+
+    def tokenize_strategy(self, args, components: ModelComponents) -> FluxTokenizeStrategy:
+        return FluxTokenizeStrategy(components.tokenizers[0], components.tokenizers[1], self.t5_max_length(args))
+
+    def text_encoding_strategy(self, args) -> FluxTextEncodingStrategy:
+        return FluxTextEncodingStrategy(args.apply_t5_attn_mask)
+
+    def latents_caching_strategy(self, args) -> FluxLatentsCachingStrategy:
+        return FluxLatentsCachingStrategy()
+
+    def text_encoder_outputs_caching_strategy(self, args) -> FluxTextEncoderOutputsCachingStrategy:
+        fingerprint = self.encoders_fingerprint or str(args.pretrained_model_name_or_path)
+        return FluxTextEncoderOutputsCachingStrategy(fingerprint, self.t5_max_length(args), args.apply_t5_attn_mask)
+
+    # ---- training -----------------------------------------------------------------------------------
+
+    def noise_scheme(self, args, components: ModelComponents):
+        from library.training.flow_matching import FlowMatchingNoiseScheme
+
+        return FlowMatchingNoiseScheme.from_args(args)  # FLUX takes sigma; diffusers scales it by 1000 inside
+
+    def predict(self, components: ModelComponents, noisy_latents, timesteps, conditioning, batch: dict):
+        import torch
+
+        from library.training.flow_matching import apply_model_prediction_type
+
+        transformer = components.denoiser
+        batch_size, _, height, width = noisy_latents.shape
+        dtype, device = noisy_latents.dtype, noisy_latents.device
+        t5_states = conditioning["t5_hidden_states"].to(device, dtype)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((batch_size,), float(self.guidance_scale), device=device, dtype=torch.float32)
+        attention = None
+        if self.apply_t5_attn_mask:
+            attention = {"attention_mask": joint_attention_mask(conditioning["t5_attention_mask"], height, width, device)}
+        output = transformer(
+            hidden_states=pack_latents(noisy_latents), encoder_hidden_states=t5_states,
+            pooled_projections=conditioning["pooled"].to(device, dtype), timestep=timesteps.to(dtype),
+            img_ids=image_position_ids(height, width, device, dtype),
+            txt_ids=torch.zeros(t5_states.shape[1], 3, device=device, dtype=dtype), guidance=guidance,
+            joint_attention_kwargs=attention, return_dict=False,
+        )[0]
+        prediction = unpack_latents(output, height, width)
+        kind = self.flow_options.model_prediction_type if self.flow_options else "raw"
+        return apply_model_prediction_type(kind, prediction, noisy_latents, timesteps)
+
+    # ---- LoRA ---------------------------------------------------------------------------------------
+
+    def lora_targets(self, components: ModelComponents) -> list[LoraTarget]:
+        from library.models.flux_checkpoint import diffusers_to_bfl_module
+
+        transformer, settings = components.denoiser, self.lora_settings
+        settings.check_block_counts({"double_blocks": len(transformer.transformer_blocks),
+                                     "single_blocks": len(transformer.single_transformer_blocks)})
+        save_format = self.save_lora_format
+        fused = {DOUBLE_BLOCK: (("attn.to_q", "attn.to_k", "attn.to_v"),
+                                ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+                 SINGLE_BLOCK: (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),)}
+        targets = [LoraTarget(
+            prefix="lora_unet", root=transformer, container_classes=TRAIN_BLOCKS[settings.train_blocks],
+            rename=diffusers_to_bfl_module, fused_groups=fused, module_rank=settings.module_rank,
+            network_args=settings.given, diffusers_prefix="transformer", save_format=save_format,
+        )]
+        clip, t5 = components.text_encoders
+        targets.append(LoraTarget(
+            prefix="lora_te1", root=clip, container_classes=CLIP_CONTAINERS, is_text_encoder=True,
+            file_path_prefix="" if hasattr(clip, "text_model") else "text_model.",
+            diffusers_prefix="text_encoder", save_format=save_format,
+        ))
+        if settings.train_t5xxl:
+            targets.append(LoraTarget(prefix="lora_te3", root=t5, container_classes=T5_CONTAINERS,
+                                      is_text_encoder=True, save_format=save_format))
+        return targets
+
+    # ---- saving and sampling ------------------------------------------------------------------------
+
+    def build_pipeline(self, components: ModelComponents, scheduler=None):
+        """A diffusers FluxPipeline over the in-memory components (flow-matching Euler unless given)."""
+        from diffusers import FluxPipeline
+
+        from library.models.flux_checkpoint import flux_sampling_scheduler
+
+        clip, t5 = components.text_encoders
+        return FluxPipeline(
+            scheduler=scheduler or flux_sampling_scheduler(), vae=components.vae, text_encoder=clip,
+            tokenizer=components.tokenizers[0], text_encoder_2=t5, tokenizer_2=components.tokenizers[1],
+            transformer=components.denoiser,
+        )
+
+    sample_size_multiple = 16  # 8 pixels per latent cell, 2x2 cells per token
+    sample_default_steps = 20  # sd-scripts' FLUX default
+
+    def sampling_scheduler(self, components: ModelComponents, sampler: str):
+        """FLUX samples with flow-matching Euler and its resolution-dependent shift, whatever --ss says."""
+        from library.models.flux_checkpoint import flux_sampling_scheduler
+
+        return flux_sampling_scheduler()
+
+    def sample_pipeline_kwargs(self, prompt, args) -> dict:
+        """--g embedded guidance (dev, default --guidance_scale); --l true CFG with a --n negative prompt."""
+        kwargs = {"max_sequence_length": self.t5_max_length(args),
+                  "guidance_scale": self.guidance_scale if prompt.guidance_scale is None else prompt.guidance_scale}
+        if prompt.negative_prompt:
+            kwargs.update(negative_prompt=prompt.negative_prompt, true_cfg_scale=prompt.scale or 1.0)
+        return kwargs
+
+    def unused_sample_options(self, prompt) -> list[str]:
+        unused = ["--ss"] if prompt.sample_sampler else []
+        if prompt.scale is not None and not prompt.negative_prompt:
+            unused.append("--l")  # true CFG needs a negative prompt
+        if prompt.guidance_scale is not None and self.is_schnell:
+            unused.append("--g")
+        return unused
+
+    def load_vae(self, args: argparse.Namespace):
+        """Only the AE (tools/cache_latents.py): --ae, else the diffusers folder's vae."""
+        from library.models.flux_checkpoint import load_flux_ae
+
+        return load_flux_ae(args.ae) if args.ae else self.load(args).vae
+
+    def save_full_model(self, components: ModelComponents, path: str, save_as: str, dtype, metadata: dict) -> None:
+        """The transformer only, as sd-scripts' flux_train.py saves it: a BFL-layout single file."""
+        from library.models.flux_checkpoint import save_flux_transformer_bfl
+
+        if save_as != "safetensors":
+            raise UserError(f"--save_model_as {save_as}: FLUX.1 transformers are saved as one BFL-layout .safetensors")
+        save_flux_transformer_bfl(components.denoiser, path, dtype, {k: str(v) for k, v in metadata.items()})
+
+
+def joint_attention_mask(t5_mask, height: int, width: int, device):
+    """[B, 1, 1, text + image tokens] boolean key mask: T5 padding masked, every image token kept."""
+    import torch
+
+    t5_mask = t5_mask.to(device=device, dtype=torch.bool)
+    image = torch.ones(t5_mask.shape[0], (height // 2) * (width // 2), device=device, dtype=torch.bool)
+    return torch.cat([t5_mask, image], dim=1)[:, None, None, :]
+
+
+def store_in_fp8(transformer, compute_dtype) -> None:
+    """Linear weights in float8_e4m3fn, cast to compute_dtype layer by layer as they run (diffusers'
+    layerwise casting); every other parameter (norms) in compute_dtype. Works on CPU: no fp8 matmul."""
+    import torch
+    from diffusers.hooks import apply_layerwise_casting
+
+    for module in transformer.modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(compute_dtype)
+    apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+                            skip_modules_pattern=("pos_embed",))
