@@ -13,6 +13,7 @@ FAMILY_CLASSES = {
     "sd": ("library.families.sd", "SDFamily"),
     "sdxl": ("library.families.sdxl", "SDXLFamily"),
     "flux": ("library.families.flux", "FluxFamily"),
+    "lumina": ("library.families.lumina", "LuminaFamily"),
 }
 
 
