@@ -99,3 +99,102 @@ def test_bad_images_and_captions_are_skipped_with_warnings(caplog, tiny_sd15_fol
     assert "01_blue_square.png" in log  # warned that it has no caption file
     assert "skipped 3 images" in log
     assert (tmp_path / "out" / "lora.safetensors").is_file()
+
+
+# ---- the bad-input catalogue: each exits 2 with one clear line, and the output folder is untouched ----
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _catalogue(tmp, images, model):
+    """(name, extra argv replacing/adding to the base command, text the error must contain)."""
+    not_a_folder = _write(tmp / "plain_file", "x")
+    bad_lora = tmp / "other_family_lora.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(8, 2),
+               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0)}, str(bad_lora))
+    broken_json = _write(tmp / "meta.json", "{not json")
+    random_crop = _write(tmp / "crop.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{images}/1_shape'\n"
+                                            "random_crop = true\n")
+    return [
+        ("output folder is a file", ["--output_dir", f"{not_a_folder}/out"], "plain_file"),
+        ("unknown optimizer", ["--optimizer_type", "AdamWW"], "AdamW"),
+        ("missing network module", ["--network_module", "networks.nope"], "networks.nope"),
+        ("max_token_length", ["--max_token_length", "100"], "75, 150 or 225"),
+        ("full_fp16 without fp16", ["--full_fp16"], "--mixed_precision fp16"),
+        ("resume folder missing", ["--resume", str(tmp / "no-state")], "no-state"),
+        ("network_weights of another family", ["--network_weights", str(bad_lora)], "other_family_lora"),
+        ("bad resolution", ["--resolution", "abc"], "resolution"),
+        ("missing vae", ["--vae", str(tmp / "vae.safetensors")], "vae.safetensors"),
+        ("caching with random_crop", ["--dataset_config", random_crop, "--cache_latents"], "random_crop"),
+        ("broken metadata file", ["--dataset_config", _write(tmp / "ft.toml", "[[datasets]]\n[[datasets.subsets]]\n"
+                                                             f"metadata_file = '{broken_json}'\n")], "meta.json"),
+        ("unknown network arg", ["--network_args", "conv_dimm=4"], "conv_dim"),
+        ("negative steps", ["--max_train_steps", "0"], "--max_train_steps"),
+        ("config file with a typo", ["--config_file", _write(tmp / "args.toml", "learning_rat = 1e-4\n")],
+         "learning_rate"),
+        ("text cache while training the text encoder", ["--cache_text_encoder_outputs", "--keep_te"],
+         "cannot train the text encoders"),
+    ]
+
+
+def _argv(base, extra):
+    """The base command with `extra` flags replacing same-named ones (folder flags swapped for a config)."""
+    args = list(base)
+    if "--keep_te" in extra:
+        extra = [a for a in extra if a != "--keep_te"]
+    else:
+        args.append("--network_train_unet_only")
+    if "--dataset_config" in extra:
+        at = args.index("--train_data_dir")
+        del args[at:at + 2]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        if flag in args and value and not value.startswith("--"):
+            at = args.index(flag)
+            args[at + 1] = value
+        else:
+            args.extend([flag, value] if value and not value.startswith("--") else [flag])
+    for flag in extra:
+        if flag.startswith("--") and flag not in args:
+            args.append(flag)
+    return args
+
+
+def test_bad_input_catalogue(capsys, tiny_sd15_folder, demo_image_root, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    keep = output / "earlier_lora.safetensors"
+    keep.write_bytes(b"an earlier result the user keeps")
+    base = base_args(tiny_sd15_folder, output, "--train_data_dir", demo_image_root)
+    cases = _catalogue(tmp_path, demo_image_root, tiny_sd15_folder)
+    assert len(cases) + 9 >= 20  # with the nine tests above: at least 20 bad inputs
+    for name, extra, expected in cases:
+        message = user_error(capsys, _argv(base, extra))
+        assert expected in message, f"{name}: {message}"
+        assert keep.read_bytes() == b"an earlier result the user keeps", name
+        assert sorted(os.listdir(output)) == ["earlier_lora.safetensors"], name
+
+
+def test_full_disk_keeps_the_previous_file(capsys, monkeypatch, tiny_sd15_folder, demo_image_root, tmp_path):
+    import errno
+
+    import safetensors.torch
+
+    output = tmp_path / "out"
+    output.mkdir()
+    previous = output / "lora.safetensors"
+    previous.write_bytes(b"previous lora")
+
+    def disk_full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    message = user_error(capsys, base_args(tiny_sd15_folder, output, "--train_data_dir", demo_image_root,
+                                           "--output_name", "lora"))
+    assert "disk is full" in message and "lora.safetensors" in message
+    assert previous.read_bytes() == b"previous lora"
+    assert sorted(os.listdir(output)) == ["lora.safetensors"]  # no temp file left behind
