@@ -1,0 +1,342 @@
+"""The SD3 / SD3.5 family (SD3 medium, SD3.5 medium and large): flags, loading, strategies, sd-scripts'
+SD3 flow-matching objective, the MMDiT call, LoRA targets in SAI names and block swapping.
+
+Flags keep sd-scripts' sd3_train_network.py names: --clip_l/--clip_g/--t5xxl (files that replace the
+encoders of the checkpoint), --t5xxl_max_token_length (default 256), --apply_lg_attn_mask,
+--apply_t5_attn_mask, --clip_l_dropout_rate/--clip_g_dropout_rate/--t5_dropout_rate (also on cached
+outputs, library/families/sd3_text.py), --blocks_to_swap (library/offload.py, one list of joint blocks,
+at least two stay on the GPU), --weighting_scheme/--logit_mean/--logit_std/--mode_scale and
+--training_shift. The objective (sd-scripts' sd3_train_utils): u from diffusers'
+`compute_density_for_timestep_sampling`, shifted u' = s*u / (1 + (s-1)*u), timestep = floor(1000*u'),
+sigma = timestep / 1000; the MMDiT gets the timestep, its output is preconditioned as
+noisy - sigma * output and compared with the clean latents, loss weighted by
+`compute_loss_weighting_for_sd3`. --t5_tokenizer is ours: where the T5 vocabulary comes from offline.
+LoRA modules are named as sd-scripts' networks/lora_sd3.py names them (library/families/sd3_lora_names.py);
+SAI's fused qkv is one LoRA module over diffusers' separate q/k/v (networks/lora_fused.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from library.errors import UserError
+from library.families.base import LoraTarget, ModelComponents, ModelFamily
+from library.training.flow_matching import FlowMatchingNoiseScheme
+
+logger = logging.getLogger(__name__)
+
+JOINT_BLOCK = "JointTransformerBlock"
+CLIP_CONTAINERS = ("CLIPAttention", "CLIPMLP")
+FUSED_GROUPS = {JOINT_BLOCK: (("attn.to_q", "attn.to_k", "attn.to_v"),
+                              ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                              ("attn2.to_q", "attn2.to_k", "attn2.to_v"))}
+ENCODER_DROPOUT_FLAGS = ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate")
+TIMESTEPS = 1000
+
+
+def add_sd3_noise_arguments(parser: argparse.ArgumentParser) -> None:
+    from library.training.flow_matching import DDPM_ONLY_FLAGS, FLOW_HUBER_SCHEDULES, FLOW_LOSS_TYPES, WEIGHTING_SCHEMES
+
+    group = parser.add_argument_group("SD3 flow matching: timesteps and loss")
+    group.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default=None,
+                       help="logit_normal/mode: density of the timesteps; sigma_sqrt/cosmap: loss weights; "
+                            "default uniform")
+    group.add_argument("--logit_mean", type=float, default=None, help="mean for logit_normal (default 0.0)")
+    group.add_argument("--logit_std", type=float, default=None, help="std for logit_normal (default 1.0)")
+    group.add_argument("--mode_scale", type=float, default=None, help="scale for the mode scheme (default 1.29)")
+    group.add_argument("--training_shift", type=float, default=1.0,
+                       help="shift of the timestep distribution, s*u/(1+(s-1)*u): >1 noisier (composition), "
+                            "<1 cleaner (details); default 1.0")
+    group.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise strength")
+    group.add_argument("--ip_noise_gamma_random_strength", action="store_true",
+                       help="draw the perturbation strength uniformly in [0, ip_noise_gamma) each batch")
+    group.add_argument("--loss_type", choices=FLOW_LOSS_TYPES, default="l2", help="elementwise loss (default l2)")
+    group.add_argument("--huber_schedule", choices=FLOW_HUBER_SCHEDULES, default="constant",
+                       help="Huber threshold over time (huber/smooth_l1 only)")
+    group.add_argument("--huber_c", type=float, default=0.1, help="Huber threshold parameter (default 0.1)")
+    group.add_argument("--huber_scale", type=float, default=1.0, help="multiplier of the Huber threshold")
+    existing = {action.dest for action in parser._actions}
+    for dest, default in DDPM_ONLY_FLAGS.items():  # accepted for metadata, rejected by validate_args
+        if dest not in existing:
+            kwargs = {"action": "store_true"} if default is False else {"type": float, "default": None}
+            parser.add_argument(f"--{dest}", help=argparse.SUPPRESS, **kwargs)
+
+
+class SD3NoiseScheme(FlowMatchingNoiseScheme):
+    """sd-scripts' SD3 objective: shifted, quantized sigmas; target = clean latents (the family's predict
+    preconditions the output as noisy - sigma * output); model timesteps = 1000 * sigma."""
+
+    def __init__(self, options, training_shift: float):
+        super().__init__(options, model_timestep_scale=float(TIMESTEPS))
+        self.training_shift = training_shift
+
+    def sample_timesteps(self, batch_size, device, generator, latent_shape=None):
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        from library.training.flow_matching import shift_sigmas
+
+        o = self.options
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=o.weighting_scheme, batch_size=batch_size, logit_mean=o.logit_mean,
+            logit_std=o.logit_std, mode_scale=o.mode_scale, device=generator.device, generator=generator)
+        indices = (shift_sigmas(u.cpu(), self.training_shift) * TIMESTEPS).long().clamp(0, TIMESTEPS - 1)
+        return (indices.float() / TIMESTEPS).to(device)
+
+    def target(self, latents, noise, t):
+        return latents
+
+
+def sd3_swap_limit(num_blocks: int) -> int:
+    return max(num_blocks - 2, 0)
+
+
+def enable_block_swap(transformer, blocks_to_swap: int, backend, trains_weights: bool = False,
+                      record_events: bool = False):
+    """Swap joint blocks of an MMDiT whose other parts are already on backend.device."""
+    from library.offload import BlockSwapper
+
+    blocks = transformer.transformer_blocks
+    if blocks_to_swap > sd3_swap_limit(len(blocks)):
+        raise UserError(f"--blocks_to_swap {blocks_to_swap}: this SD3 model has {len(blocks)} joint blocks and can "
+                        f"swap at most {sd3_swap_limit(len(blocks))}")
+    swapper = BlockSwapper(transformer, [("joint", blocks, blocks_to_swap)], backend, trains_weights=trains_weights,
+                           record_events=record_events)
+    logger.info("block swap: %d of %d joint blocks stay in CPU memory (%.2f GB less VRAM)", blocks_to_swap,
+                len(blocks), swapper.swapped_bytes() / 1e9)
+    return swapper
+
+
+class SD3Family(ModelFamily):
+    """SD3 medium / SD3.5 medium / SD3.5 large with CLIP-L, CLIP-G, T5-XXL and the 16-channel VAE."""
+
+    name = "sd3"
+    display_name = "SD3/SD3.5"
+    base_model_version = "sd3"
+    modelspec_architecture = "stable-diffusion-v3"
+
+    def __init__(self) -> None:
+        self.flow_options = None
+        self.dropout_rates = (0.0, 0.0, 0.0)
+        self.save_lora_format = "kohya"
+        self.encoders_fingerprint = ""
+        self.block_swapper = None
+
+    # ---- arguments ----------------------------------------------------------------------------------
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("SD3 / SD3.5 model")
+        group.add_argument("--pretrained_model_name_or_path", required=True,
+                           help="SAI single file (sd3.5_large.safetensors; MMDiT + VAE, text encoders optional) or "
+                                "a local diffusers SD3 folder")
+        for key, what in (("clip_l", "clip_l.safetensors"), ("clip_g", "clip_g.safetensors"),
+                          ("t5xxl", "t5xxl_fp16.safetensors")):
+            group.add_argument(f"--{key}", default=None,
+                               help=f"{what}: replaces (or supplies) that text encoder of the checkpoint")
+        group.add_argument("--t5_tokenizer", default=None,
+                           help="folder with the T5 tokenizer (spiece.model or tokenizer.json) or a .model file; "
+                                "default: the diffusers folder's tokenizer_3, else google/t5-v1_1-xxl from the hub")
+        group.add_argument("--t5xxl_max_token_length", type=int, default=256, help="T5 tokens per caption (default 256)")
+        group.add_argument("--apply_lg_attn_mask", action="store_true", help="mask CLIP-L/G padding inside the encoders")
+        group.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding inside T5")
+        for flag in ENCODER_DROPOUT_FLAGS:
+            group.add_argument(f"--{flag}", type=float, default=0.0,
+                               help=f"probability of zeroing this encoder's outputs per sample (default 0)")
+        group.add_argument("--blocks_to_swap", type=int, default=None,
+                           help="keep this many joint blocks in CPU memory, moving them to the GPU when needed")
+        group.add_argument("--save_lora_format", choices=("kohya", "diffusers"), default="kohya",
+                           help="LoRA file keys: kohya (SAI names, default; ComfyUI, sd-scripts) or diffusers "
+                                "(PEFT keys; what diffusers' StableDiffusion3Pipeline loads)")
+
+    def add_noise_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_sd3_noise_arguments(parser)
+
+    def validate_args(self, args: argparse.Namespace) -> None:
+        from library.training.flow_matching import FlowMatchingOptions, reject_ddpm_flags
+
+        reject_ddpm_flags(args, self.display_name)
+        self.flow_options = FlowMatchingOptions.from_args(args)
+        if args.training_shift <= 0:
+            raise UserError(f"--training_shift must be positive (got {args.training_shift})")
+        if args.t5xxl_max_token_length < 1:
+            raise UserError(f"--t5xxl_max_token_length must be at least 1 (got {args.t5xxl_max_token_length})")
+        for flag in ENCODER_DROPOUT_FLAGS:
+            if not 0 <= getattr(args, flag) <= 1:
+                raise UserError(f"--{flag} must be in [0, 1] (got {getattr(args, flag)})")
+        self.dropout_rates = tuple(float(getattr(args, flag)) for flag in ENCODER_DROPOUT_FLAGS)
+        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
+            raise UserError(f"--blocks_to_swap must be 0 or more (got {args.blocks_to_swap})")
+        if args.blocks_to_swap:
+            import torch
+
+            from library.offload import require_cuda
+
+            require_cuda("cuda" if torch.cuda.is_available() else "cpu")  # fail before loading the model
+        self.save_lora_format = args.save_lora_format
+        if hasattr(args, "save_model_as"):  # only full fine-tune parsers have it
+            if args.save_lora_format != "kohya":
+                raise UserError("--save_lora_format applies to LoRA training only")
+            if args.save_model_as != "safetensors":
+                raise UserError(f"--save_model_as {args.save_model_as}: SD3 full fine-tunes are saved as one SAI "
+                                "single file; use --save_model_as safetensors")
+
+    # ---- loading ------------------------------------------------------------------------------------
+
+    def load(self, args: argparse.Namespace) -> ModelComponents:
+        from library.families.sd3_text import text_encoders_fingerprint
+        from library.models.sd3_checkpoint import load_sd3_models, sd3_sampling_scheduler
+        from library.training.trainer import torch_dtype
+
+        self.validate_args(args)
+        models = load_sd3_models(args.pretrained_model_name_or_path, args.clip_l, args.clip_g, args.t5xxl,
+                                 args.t5_tokenizer, dtype=torch_dtype(args.mixed_precision))
+        self.encoders_fingerprint = text_encoders_fingerprint(models.text_encoders)
+        config = models.transformer.config
+        logger.info("SD3 MMDiT: %d blocks, dual attention in %s, qk norm %s", config.num_layers,
+                    list(config.dual_attention_layers) or "none", config.qk_norm or "none")
+        return ModelComponents(
+            denoiser=models.transformer, vae=models.vae, text_encoders=models.text_encoders,
+            tokenizers=models.tokenizers, noise_scheduler=sd3_sampling_scheduler(),
+            source=args.pretrained_model_name_or_path,
+        )
+
+    def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
+        from library.offload import CudaTransferBackend, require_cuda
+        from library.training.trainer import move_module
+
+        transformer = components.denoiser
+        if not args.blocks_to_swap:
+            move_module(transformer, device, dtype)
+            return
+        require_cuda(device)
+        move_module(transformer, "cpu", dtype)
+        for child in transformer.children():
+            if child is not transformer.transformer_blocks:
+                child.to(device)
+        self.block_swapper = enable_block_swap(transformer, args.blocks_to_swap, CudaTransferBackend(device),
+                                               trains_weights=hasattr(args, "save_model_as"))
+
+    # ---- strategies ---------------------------------------------------------------------------------
+
+    def tokenize_strategy(self, args, components: ModelComponents):
+        from library.families.sd3_text import SD3TokenizeStrategy
+
+        return SD3TokenizeStrategy(*components.tokenizers, args.t5xxl_max_token_length)
+
+    def text_encoding_strategy(self, args):
+        from library.families.sd3_text import SD3TextEncodingStrategy
+
+        return SD3TextEncodingStrategy(args.apply_lg_attn_mask, args.apply_t5_attn_mask)
+
+    def latents_caching_strategy(self, args):
+        from library.families.sd3_text import SD3LatentsCachingStrategy
+
+        return SD3LatentsCachingStrategy()
+
+    def text_encoder_outputs_caching_strategy(self, args):
+        from library.families.sd3_text import SD3TextEncoderOutputsCachingStrategy
+
+        fingerprint = self.encoders_fingerprint or str(args.pretrained_model_name_or_path)
+        return SD3TextEncoderOutputsCachingStrategy(fingerprint, args.t5xxl_max_token_length,
+                                                    args.apply_lg_attn_mask, args.apply_t5_attn_mask)
+
+    # ---- training -----------------------------------------------------------------------------------
+
+    def noise_scheme(self, args, components: ModelComponents):
+        from library.training.flow_matching import FlowMatchingOptions
+
+        return SD3NoiseScheme(self.flow_options or FlowMatchingOptions.from_args(args), args.training_shift)
+
+    def predict(self, components: ModelComponents, noisy_latents, timesteps, conditioning, batch: dict):
+        """The MMDiT's output preconditioned as noisy - sigma * output (compared with the clean latents).
+        Per-encoder dropout applies to training steps only (validation runs without gradients)."""
+        import torch
+
+        from library.families.sd3_text import drop_encoder_outputs, mmdit_inputs
+
+        if torch.is_grad_enabled():
+            conditioning = drop_encoder_outputs(conditioning, self.dropout_rates)
+        dtype, device = noisy_latents.dtype, noisy_latents.device
+        context, pooled = mmdit_inputs(conditioning, device, dtype)
+        output = components.denoiser(hidden_states=noisy_latents, encoder_hidden_states=context,
+                                     pooled_projections=pooled, timestep=timesteps.to(dtype), return_dict=False)[0]
+        sigmas = (timesteps / TIMESTEPS).to(output.dtype).view(-1, 1, 1, 1)
+        return noisy_latents - sigmas * output
+
+    # ---- LoRA ---------------------------------------------------------------------------------------
+
+    def lora_targets(self, components: ModelComponents) -> list[LoraTarget]:
+        from library.models.sd3_checkpoint import diffusers_to_sai_module
+
+        transformer = components.denoiser
+        last = len(transformer.transformer_blocks) - 1
+        # the pre-only block's context adaLN has (scale, shift) rows in diffusers, (shift, scale) in SAI files
+        skipped = f"lora_unet_joint_blocks_{last}_context_block_adaLN_modulation_1"
+        targets = [LoraTarget(
+            prefix="lora_unet", root=transformer, container_classes=(JOINT_BLOCK,), rename=diffusers_to_sai_module,
+            fused_groups=FUSED_GROUPS, module_rank=lambda name: 0 if name == skipped else None,
+            diffusers_prefix="transformer", save_format=self.save_lora_format,
+        )]
+        for prefix, encoder, component in zip(("lora_te1", "lora_te2"), components.text_encoders[:2],
+                                              ("text_encoder", "text_encoder_2")):
+            targets.append(LoraTarget(
+                prefix=prefix, root=encoder, container_classes=CLIP_CONTAINERS, is_text_encoder=True,
+                file_path_prefix="" if hasattr(encoder, "text_model") else "text_model.",
+                diffusers_prefix=component, save_format=self.save_lora_format,
+            ))
+        return targets
+
+    def lora_module_names(self):
+        from library.families.sd3_lora_names import sd3_lora_module_names
+
+        return list(sd3_lora_module_names())
+
+    def fused_lora_module_names(self):
+        from library.families.sd3_lora_names import sd3_fused_lora_module_names
+
+        return sd3_fused_lora_module_names()
+
+    def fused_lora_row_sizes(self, kohya_name: str, down, up) -> list[int]:
+        """An SAI qkv's rows are q, k and v of equal width."""
+        if up.shape[0] % 3:
+            raise UserError(f"LoRA module {kohya_name}: lora_up has {up.shape[0]} rows, not three equal q/k/v parts")
+        return [up.shape[0] // 3] * 3
+
+    # ---- saving and sampling ------------------------------------------------------------------------
+
+    def build_pipeline(self, components: ModelComponents, scheduler=None):
+        from diffusers import StableDiffusion3Pipeline
+
+        from library.models.sd3_checkpoint import sd3_sampling_scheduler
+
+        clip_l, clip_g, t5 = components.text_encoders
+        tokenizer_l, tokenizer_g, tokenizer_t5 = components.tokenizers
+        return StableDiffusion3Pipeline(
+            transformer=components.denoiser, scheduler=scheduler or sd3_sampling_scheduler(), vae=components.vae,
+            text_encoder=clip_l, tokenizer=tokenizer_l, text_encoder_2=clip_g, tokenizer_2=tokenizer_g,
+            text_encoder_3=t5, tokenizer_3=tokenizer_t5,
+        )
+
+    sample_size_multiple = 16  # 8 pixels per latent cell, 2x2 cells per patch
+
+    def sampling_scheduler(self, components: ModelComponents, sampler: str):
+        """SD3 samples with flow-matching Euler (shift 3.0), whatever --ss says."""
+        from library.models.sd3_checkpoint import sd3_sampling_scheduler
+
+        return sd3_sampling_scheduler()
+
+    def sample_pipeline_kwargs(self, prompt, args) -> dict:
+        return {**super().sample_pipeline_kwargs(prompt, args), "max_sequence_length": args.t5xxl_max_token_length}
+
+    def unused_sample_options(self, prompt) -> list[str]:
+        return [flag for flag, value in (("--ss", prompt.sample_sampler), ("--g", prompt.guidance_scale))
+                if value is not None]
+
+    def save_full_model(self, components: ModelComponents, path: str, save_as: str, dtype, metadata: dict) -> None:
+        """An SAI single file: MMDiT, VAE and the three text encoders (loads back with no other file)."""
+        from library.models.sd3_checkpoint import save_sd3_single_file
+
+        if save_as != "safetensors":
+            raise UserError(f"--save_model_as {save_as}: SD3 models are saved as one SAI single .safetensors file")
+        save_sd3_single_file(components.denoiser, components.vae, components.text_encoders, path, dtype,
+                             {k: str(v) for k, v in metadata.items()})
