@@ -268,7 +268,7 @@ def test_latents_use_the_vae_scaling_factor(components):
         expected_image = vae.decode(latents / 0.18215).sample
     assert torch.equal(latents, expected) and latents.shape == (1, 4, 8, 8)
     assert torch.equal(decoded, expected_image)
-    assert strategy.cache_identity() == {"family": "sd", "latent_channels": "4"}
+    assert strategy.cache_identity() == {"family": "sd", "latent_channels": "4", "vae": ""}
 
 
 def test_text_encoder_cache_identity():

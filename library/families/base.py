@@ -70,14 +70,16 @@ class LoraTarget:
 
 @dataclass(frozen=True)
 class LoraWeightSlice:
-    """A LoRA module that changes one checkpoint tensor: W[rows] += scale * up @ down.
+    """A LoRA module that changes one checkpoint tensor: W[rows] += scale * up[up_rows] @ down.
 
-    `rows` (start, stop) along dim 0 is set where the file fuses several layers into one tensor
-    (e.g. OpenCLIP's in_proj = q, k, v); None means the whole tensor.
+    `rows` (start, stop) along dim 0 is set where the checkpoint fuses several layers into one tensor
+    (e.g. OpenCLIP's in_proj = q, k, v); `up_rows` where the LoRA module is the fused one and the
+    checkpoint holds the layers apart (a BFL-named FLUX LoRA into a diffusers folder). None: all rows.
     """
 
     lora_name: str  # kohya module name, e.g. "lora_unet_down_blocks_0_attentions_0_proj_in"
     rows: Optional[tuple[int, int]] = None
+    up_rows: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,10 @@ class ModelFamily(ABC):
 
     # ---- the stand-alone tools (tools/*.py) ---------------------------------------------------------
 
+    # text encoders that single-file models of this family keep in files of their own: component ->
+    # usual file name, in the order tools/merge_lora.py --text_encoders takes them; empty: in the checkpoint
+    separate_text_encoder_components: dict[str, str] = {}
+
     def load_vae(self, args: "argparse.Namespace"):
         """Only the VAE, for tools/cache_latents.py (families override this to skip the other weights)."""
         return self.load(args).vae
@@ -209,3 +215,12 @@ class ModelFamily(ABC):
         from library.errors import UserError
 
         raise UserError(f"tools/convert_lora.py cannot convert {self.display_name} LoRA files yet")
+
+    def fused_lora_module_names(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """kohya name of each LoRA module on a linear the kohya/ComfyUI layouts fuse (BFL's qkv) ->
+        (its ComfyUI name, the diffusers module names it covers, in row order). Empty: none."""
+        return {}
+
+    def fused_lora_row_sizes(self, kohya_name: str, down, up) -> list[int]:
+        """Rows of each member in a fused module's up weight (see fused_lora_module_names)."""
+        raise NotImplementedError(f"{self.display_name} has no fused LoRA modules")

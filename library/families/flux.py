@@ -449,6 +449,30 @@ class FluxFamily(ModelFamily):
             raise UserError(f"--save_model_as {save_as}: FLUX.1 transformers are saved as one BFL-layout .safetensors")
         save_flux_transformer_bfl(components.denoiser, path, dtype, {k: str(v) for k, v in metadata.items()})
 
+    # ---- LoRA files in the tools (library/families/flux_lora_names.py) ------------------------------
+
+    separate_text_encoder_components = {"text_encoder": "clip_l.safetensors", "text_encoder_2": "t5xxl_fp16.safetensors"}
+
+    def checkpoint_lora_slices(self, shapes: dict, component: str):
+        from library.families.flux_lora_names import flux_checkpoint_lora_slices
+
+        return flux_checkpoint_lora_slices(shapes, component)
+
+    def lora_module_names(self):
+        from library.families.flux_lora_names import flux_lora_module_names
+
+        return list(flux_lora_module_names())
+
+    def fused_lora_module_names(self):
+        from library.families.flux_lora_names import flux_fused_lora_module_names
+
+        return flux_fused_lora_module_names()
+
+    def fused_lora_row_sizes(self, kohya_name: str, down, up) -> list[int]:
+        from library.families.flux_lora_names import flux_fused_row_sizes
+
+        return flux_fused_row_sizes(kohya_name, down, up)
+
 
 def joint_attention_mask(t5_mask, height: int, width: int, device):
     """[B, 1, 1, text + image tokens] boolean key mask: T5 padding masked, every image token kept."""

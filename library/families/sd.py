@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Optional
 
 from library.errors import UserError
@@ -164,6 +165,13 @@ class SDFamily(ModelFamily):
             components.denoiser, components.vae, components.text_encoders[0], components.tokenizers[0], scheduler
         )
 
+    def sample_pipeline_kwargs(self, prompt, args) -> dict:
+        """CFG and negative prompt as every family, plus --clip_skip (diffusers counts skipped layers from 0)."""
+        kwargs = super().sample_pipeline_kwargs(prompt, args)
+        if args.clip_skip and args.clip_skip > 1:
+            kwargs["clip_skip"] = args.clip_skip - 1
+        return kwargs
+
     def save_full_model(self, components: ModelComponents, path: str, save_as: str, dtype, metadata: dict) -> None:
         from library.models.sd_checkpoint import save_sd_diffusers_folder, save_sd_single_file
 
@@ -176,3 +184,43 @@ class SDFamily(ModelFamily):
             save_sd_diffusers_folder(self.build_pipeline(components), path, dtype)
         else:
             raise UserError(f"--save_model_as {save_as}: use safetensors or diffusers")
+
+    # ---- the stand-alone tools ----------------------------------------------------------------------
+
+    def load_vae(self, args: argparse.Namespace):
+        """--vae, or the VAE of --pretrained_model_name_or_path; a single file is read for its VAE tensors only."""
+        from library.models import sd_checkpoint
+
+        source = args.vae or getattr(args, "pretrained_model_name_or_path", None)
+        if source is None:
+            raise UserError("give the model with --pretrained_model_name_or_path (or a VAE with --vae)")
+        if args.vae is None and os.path.isfile(source) and source.endswith(".safetensors"):
+            return _vae_from_single_file(source)
+        return sd_checkpoint.load_vae(source)
+
+    def checkpoint_lora_slices(self, shapes: dict, component: str):
+        from library.families.sd_lora_names import sd_checkpoint_lora_slices
+
+        return sd_checkpoint_lora_slices(shapes, component)
+
+    def lora_module_names(self):
+        from library.families.sd_lora_names import sd_lora_module_names
+
+        return list(sd_lora_module_names())
+
+
+def _vae_from_single_file(path: str):
+    """The VAE of an SD single-file checkpoint, reading only its `first_stage_model.*` tensors."""
+    from safetensors import safe_open
+
+    from library.models import checkpoint_detect, sd_checkpoint
+    from library.models.sd_ldm_layout import VAE_PREFIX
+
+    keys = checkpoint_detect.read_checkpoint_keys(path)
+    checkpoint_detect.check_checkpoint_family(path, keys, {"sd", "sd2"})
+    vae_keys = [key for key in keys if key.startswith(VAE_PREFIX)]
+    if not vae_keys:
+        raise UserError(f"{path} has no VAE weights (first_stage_model.*); add --vae with a VAE file or folder")
+    with safe_open(path, framework="pt") as f:
+        state = {key: f.get_tensor(key) for key in vae_keys}
+    return sd_checkpoint._load_vae_from_ldm(state, path)

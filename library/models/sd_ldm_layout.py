@@ -88,6 +88,20 @@ def unet_key_rules(config) -> list[tuple[str, str, dict]]:
     return rules
 
 
+def ldm_unet_key_to_diffusers(ldm_key: str, rules: list[tuple[str, str, dict]]) -> str | None:
+    """The diffusers name of an LDM UNet key (prefix removed), by `unet_key_rules`; None if no rule fits."""
+    for diffusers_prefix, ldm_prefix, inner in sorted(rules, key=lambda rule: len(rule[1]), reverse=True):
+        if ldm_key.startswith(ldm_prefix):
+            reverse = {new: old for old, new in inner.items()}
+            return diffusers_prefix + _rename_start(ldm_key[len(ldm_prefix):], reverse)
+    return None
+
+
+def diffusers_unet_key_to_ldm(diffusers_key: str, rules: list[tuple[str, str, dict]]) -> str:
+    """The LDM name (prefix-free) of a diffusers UNet key, by `unet_key_rules`."""
+    return next(iter(_apply_prefix_rules({diffusers_key: None}, rules, "UNet")))
+
+
 def vae_key_rules(config) -> list[tuple[str, str, dict]]:
     levels = len(config["block_out_channels"])
     rules = [("quant_conv.", "quant_conv.", {}), ("post_quant_conv.", "post_quant_conv.", {})]
