@@ -239,8 +239,9 @@ def test_make_batch_keys_shapes_and_loss_weights(tmp_path):
     dataset = TrainDataset.from_spec(spec, seed=0, prior_loss_weight=0.5)
     refs = [SampleRef(0, 0), SampleRef(2, 0), SampleRef(1, 0)]
     batch = dataset.make_batch(refs, epoch=1, global_step=0)
-    assert set(batch) == {"captions", "loss_weights", "image_paths", "original_sizes_hw", "crop_top_lefts",
-                          "target_sizes_hw", "images"}
+    assert set(batch) == {"captions", "loss_weights", "image_paths", "sample_keys", "original_sizes_hw",
+                          "crop_top_lefts", "target_sizes_hw", "images"}
+    assert batch["sample_keys"] == ["0:0:wide.png:0", "0:1:r.png:0", "0:0:wide2.png:0"]
     assert batch["captions"] == ["photo of sks", "caption of r", "photo of sks"]
     assert batch["loss_weights"].tolist() == [1.0, 0.5, 1.0]
     assert batch["image_paths"] == [str(train / "wide.png"), str(tmp_path / "reg" / "r.png"), str(train / "wide2.png")]

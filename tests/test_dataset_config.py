@@ -305,8 +305,8 @@ def test_unknown_section_suggests_datasets(tmp_path):
 
 @pytest.mark.parametrize("key, value", [
     ("face_crop_aug_range", "[2.0, 4.0]"), ("cache_info", "true"), ("custom_attributes", "{ a = 1 }"),
-    ("resize_interpolation", '"lanczos"'), ("validation_split", "0.1"), ("network_multiplier", "1.0"),
-    ("conditioning_data_dir", '"c"'), ("validation_seed", "1"), ("system_prompt", '"x"'),
+    ("resize_interpolation", '"lanczos"'), ("network_multiplier", "1.0"),
+    ("conditioning_data_dir", '"c"'), ("system_prompt", '"x"'),
 ])
 def test_unsupported_sd_scripts_options_are_rejected_by_name(tmp_path, key, value):
     path = write(tmp_path / "ds.toml", f"[general]\n{key} = {value}\n")
@@ -472,4 +472,4 @@ def test_schema_tables_match_the_spec_dataclasses():
     assert set(dataset_config.CAPTION_OPTIONS) == names(CaptionOptions)
     assert set(dataset_config.SUBSET_OPTIONS) | set(dataset_config.SUBSET_ONLY_OPTIONS) == \
         (names(SubsetSpec) - {"captions"}) | names(CaptionOptions)
-    assert set(dataset_config.DATASET_OPTIONS) == names(DatasetSpec) - {"subsets"}
+    assert set(dataset_config.DATASET_OPTIONS) | {"is_validation"} == names(DatasetSpec) - {"subsets"}

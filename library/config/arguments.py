@@ -3,7 +3,8 @@
 Flag names and meanings follow sd-scripts so users' commands and `--config_file` files carry over.
 This module owns the general training flags (output, saving, steps, precision, logging, resume) and
 composes them with the groups owned elsewhere: dataset (config/dataset_args.py), caching
-(data/dataset.py), noise and loss (training/noise.py), optimizer and LR schedule, the family's own
+(data/dataset.py), noise and loss (training/noise.py), optimizer and LR schedule, sample images
+(training/sampling.py), validation loss (training/validation.py), the family's own
 flags, and either the network flags (networks/network_arguments.py) or the full fine-tune flags.
 """
 
@@ -30,6 +31,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep only the last N epoch saves")
     group.add_argument("--save_state", action="store_true",
                        help="also save a resumable state folder with every save and at the end")
+    group.add_argument("--save_last_n_steps_state", type=int, metavar="N", default=None,
+                       help="keep only the state folders of the last N steps (default: as --save_last_n_steps)")
+    group.add_argument("--save_last_n_epochs_state", type=int, metavar="N", default=None,
+                       help="keep only the last N epoch state folders (default: as --save_last_n_epochs)")
     group.add_argument("--save_state_on_train_end", action="store_true",
                        help="save a resumable state folder at the end only")
     group.add_argument("--resume", default=None,
@@ -41,6 +46,8 @@ def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_train_steps", type=int, default=1600)
     group.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--max_nonfinite_steps", type=int, metavar="N", default=3,
+                       help="stop after this many steps in a row with a NaN/inf loss (each is skipped; default 3)")
     group.add_argument("--seed", type=int, default=None)
     group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     group.add_argument("--full_fp16", action="store_true", help="train fp16 weights (no fp32 master copy)")
@@ -64,7 +71,8 @@ def add_full_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate_general_args(args: argparse.Namespace) -> None:
     positive = ["max_train_steps", "max_train_epochs", "gradient_accumulation_steps", "save_every_n_steps",
-                "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs", "loss_log_every"]
+                "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs", "loss_log_every",
+                "save_last_n_steps_state", "save_last_n_epochs_state", "max_nonfinite_steps"]
     for name in positive:
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -79,6 +87,9 @@ def validate_general_args(args: argparse.Namespace) -> None:
         raise UserError("--save_last_n_steps needs --save_every_n_steps")
     if args.save_last_n_epochs and not args.save_every_n_epochs:
         raise UserError("--save_last_n_epochs needs --save_every_n_epochs")
+    for unit in ("steps", "epochs"):
+        if getattr(args, f"save_last_n_{unit}_state") and not (args.save_state and getattr(args, f"save_every_n_{unit}")):
+            raise UserError(f"--save_last_n_{unit}_state needs --save_state and --save_every_n_{unit}")
 
 
 def build_parser(family, mode: str) -> argparse.ArgumentParser:
@@ -87,6 +98,8 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     from library.data.text_encoder_cache import add_text_encoder_cache_arguments
     from library.training.lr_schedulers import add_lr_scheduler_arguments
     from library.training.optimizers import add_optimizer_arguments
+    from library.training.sampling import add_sampling_arguments
+    from library.training.validation import add_validation_arguments
 
     what = "a LoRA" if mode == "network" else "a full fine-tune"
     parser = argparse.ArgumentParser(description=f"Train {what} of a {family.display_name} model.")
@@ -99,6 +112,8 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     family.add_noise_arguments(parser)
     add_optimizer_arguments(parser)
     add_lr_scheduler_arguments(parser)
+    add_sampling_arguments(parser)
+    add_validation_arguments(parser)
     if mode == "network":
         from networks.network_arguments import add_network_arguments
 
@@ -111,11 +126,15 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
 def parse_training_args(family, mode: str, argv: list[str] | None = None) -> argparse.Namespace:
     from library.config.config_file import parse_args_with_config_file
     from library.data.text_encoder_cache import validate_text_cache_args
+    from library.training.sampling import validate_sampling_args
+    from library.training.validation import validate_validation_args
 
     if mode not in TRAINING_MODES:
         raise ValueError(f"unknown training mode {mode!r}")
     args = parse_args_with_config_file(build_parser(family, mode), argv)
     validate_general_args(args)
+    validate_sampling_args(args)
+    validate_validation_args(args)
     validate_text_cache_args(args)
     family.validate_args(args)
     return args

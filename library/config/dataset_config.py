@@ -80,6 +80,12 @@ def _number(minimum: float, maximum: float | None = None) -> Callable[[Any], flo
     return validate
 
 
+def _fraction_below_one(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise vol.Invalid("expected a number at least 0 and below 1")
+    return float(value)
+
+
 def _resolution(value: Any) -> tuple[int, int]:
     """An int (square) or [width, height]."""
     sizes = [value] if not isinstance(value, (list, tuple)) else list(value)
@@ -110,20 +116,22 @@ SUBSET_ONLY_OPTIONS = {"image_dir": _text(non_empty=True), "metadata_file": _tex
 DATASET_OPTIONS = {
     "resolution": _resolution, "batch_size": _integer(1), "enable_bucket": _boolean,
     "min_bucket_reso": _integer(1), "max_bucket_reso": _integer(1), "bucket_reso_steps": _integer(1),
-    "bucket_no_upscale": _boolean,
+    "bucket_no_upscale": _boolean, "validation_split": _fraction_below_one, "validation_seed": _integer(0),
 }
+# Validation options that are also command-line flags (library/training/validation.py), like the dataset flags.
+VALIDATION_FLAGS = ("validation_split", "validation_seed")
 # Options about caption files and folders: they mean nothing for fine-tuning (metadata_file) subsets.
 DREAMBOOTH_ONLY_OPTIONS = ("is_reg", "class_tokens", "caption_extension", "caption_from_path")
 # sd-scripts accepts these in dataset files; we reject them by name rather than ignore them.
 UNSUPPORTED_SD_SCRIPTS_OPTIONS = (
     "face_crop_aug_range", "cache_info", "conditioning_data_dir", "custom_attributes", "network_multiplier",
-    "resize_interpolation", "validation_seed", "validation_split", "system_prompt", "skip_image_resolution",
+    "resize_interpolation", "system_prompt", "skip_image_resolution",
 )
 TOP_LEVEL_SECTIONS = ("general", "datasets")
 
 LEVEL_OPTIONS = {
     "general": {**DATASET_OPTIONS, **SUBSET_OPTIONS},
-    "dataset": {**DATASET_OPTIONS, **SUBSET_OPTIONS, "subsets": object},
+    "dataset": {**DATASET_OPTIONS, **SUBSET_OPTIONS, "subsets": object, "is_validation": _boolean},
     "subset": {**SUBSET_OPTIONS, **SUBSET_ONLY_OPTIONS},
 }
 LEVEL_SCHEMAS = {level: vol.Schema(options) for level, options in LEVEL_OPTIONS.items()}
@@ -177,10 +185,15 @@ def load_dataset_group(args: argparse.Namespace) -> DatasetGroupSpec:
 
 
 def _command_line_defaults(args: argparse.Namespace) -> dict:
-    given = {config_key_for_flag(name): getattr(args, name) for name in DATASET_OPTION_FLAGS
-             if getattr(args, name, None) is not None}
+    given = _passed_option_flags(args)
     source = _Source("<command line>", _describe_cli_path, lambda key: f"--{flag_for_config_key(key)}")
     return _validate_document({"general": given, "datasets": []}, source)["general"]
+
+
+def _passed_option_flags(args: argparse.Namespace) -> dict:
+    """The dataset (and validation split) flags the user passed, as config keys."""
+    return {config_key_for_flag(name): getattr(args, name) for name in DATASET_OPTION_FLAGS + VALIDATION_FLAGS
+            if getattr(args, name, None) is not None}
 
 
 def _reject_folder_flags(args: argparse.Namespace, config_file: str) -> None:
@@ -308,7 +321,7 @@ def _build_dataset(general: dict, dataset: dict, path: list, source: _Source) ->
         _reject_dreambooth_options(dataset, path, source)
         general = {key: value for key, value in general.items() if key not in DREAMBOOTH_ONLY_OPTIONS}
     options = _cascade(DATASET_OPTIONS, general, dataset)
-    spec = DatasetSpec(subsets=[], **options)
+    spec = DatasetSpec(subsets=[], is_validation=dataset.get("is_validation", False), **options)
     _check_bucket_options(spec, path, source)
     for index, subset in enumerate(subset_tables):
         subset_path = path + ["subsets", index]
@@ -393,8 +406,7 @@ def _load_from_folders(args: argparse.Namespace) -> DatasetGroupSpec:
     subsets = _folder_subsets(args.train_data_dir, "--train_data_dir", is_reg=False)
     if getattr(args, "reg_data_dir", None) is not None:
         subsets += _folder_subsets(args.reg_data_dir, "--reg_data_dir", is_reg=True)
-    general = {config_key_for_flag(name): getattr(args, name) for name in DATASET_OPTION_FLAGS
-               if getattr(args, name, None) is not None}
+    general = _passed_option_flags(args)
     source = _Source("<command line>", _describe_cli_path, lambda key: f"--{flag_for_config_key(key)}")
     document = _validate_document({"general": general, "datasets": [{"subsets": subsets}]}, source)
     return _build_group(document, source)

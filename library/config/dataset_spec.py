@@ -66,6 +66,9 @@ class DatasetSpec:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    validation_split: float = 0.0  # fraction of its images held out for validation loss
+    validation_seed: Optional[int] = None  # seed of that split (default: the training seed)
+    is_validation: bool = False  # the whole dataset is validation data
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 from collections import defaultdict
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
@@ -73,6 +74,8 @@ class TrainDataset:
         self._scanned = scanned_entries
         self.entries: list[ImageEntry] = []
         self._batches_cache: tuple[int, list[list[SampleRef]]] | None = None  # (epoch, its batches)
+        # batches hold batch_size * num_processes samples, split among the processes by the trainer
+        self.num_processes = 1
         self.empty_conditioning: Optional[dict] = None  # set by the text-encoder output cache
         self._rebalance()
 
@@ -84,14 +87,7 @@ class TrainDataset:
         prior_loss_weight: float = 1.0,
         max_train_steps: Optional[int] = None,
     ) -> "TrainDataset":
-        report = SkipReport()
-        scanned: list[ImageEntry] = []
-        for index, dataset in enumerate(spec.datasets):
-            scanner = SubsetScanner(index, _bucket_manager(dataset), report)
-            for subset in dataset.subsets:
-                scanned.extend(scanner.scan(subset))
-        report.log_summary()
-        dataset = cls(spec.datasets, scanned, seed, prior_loss_weight, max_train_steps, spec.source)
+        dataset = cls(spec.datasets, scan_entries(spec), seed, prior_loss_weight, max_train_steps, spec.source)
         dataset.log_summary()
         return dataset
 
@@ -158,7 +154,8 @@ class TrainDataset:
     # ------------------------------------------------------------ epochs
 
     def batches_for_epoch(self, epoch: int) -> list[list[SampleRef]]:
-        """The epoch's batches: per dataset and bucket, shuffled samples chunked by the batch size,
+        """The epoch's batches: per dataset and bucket, shuffled samples chunked by the batch size (times
+        num_processes: each batch is then shared among the processes by the trainer),
         then all batches shuffled. Depends only on (seed, epoch) and the entries."""
         if self._batches_cache is not None and self._batches_cache[0] == epoch:
             return self._batches_cache[1]
@@ -171,7 +168,7 @@ class TrainDataset:
         for key in sorted(by_bucket):
             refs = by_bucket[key]
             rng.shuffle(refs)
-            size = self.batch_size(key[0])
+            size = self.batch_size(key[0]) * self.num_processes
             batches.extend(refs[start:start + size] for start in range(0, len(refs), size))
         rng.shuffle(batches)
         self._batches_cache = (epoch, batches)
@@ -187,7 +184,8 @@ class TrainDataset:
         """One batch, all samples from one bucket. Keys:
 
         "captions" list[str] (after the caption pipeline), "loss_weights" [B] (prior_loss_weight for
-        regularisation images), "image_paths" list[str], "original_sizes_hw", "crop_top_lefts" and
+        regularisation images), "image_paths" list[str], "sample_keys" list[str] (dataset, image and
+        repeat of each sample, which keys its noise), "original_sizes_hw", "crop_top_lefts" and
         "target_sizes_hw" LongTensor [B, 2], then "latents" [B, C, h, w] when cached or "images"
         [B, 3, H, W] in [-1, 1], and "alpha_masks" [B, 1, H, W] when a subset uses alpha_mask (ones
         for images without alpha). Images that fail to load now (damaged after the scan) are left
@@ -207,6 +205,7 @@ class TrainDataset:
             "captions": [s["caption"] for s in samples],
             "loss_weights": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
             "image_paths": [s["image_path"] for s in samples],
+            "sample_keys": [s["sample_key"] for s in samples],
             "original_sizes_hw": torch.tensor([s["original_size_hw"] for s in samples], dtype=torch.long),
             "crop_top_lefts": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
             "target_sizes_hw": torch.tensor([s["target_size_hw"] for s in samples], dtype=torch.long),
@@ -243,6 +242,7 @@ class TrainDataset:
                                                 self.max_train_steps)
         sample["loss_weight"] = self.prior_loss_weight if entry.is_reg else 1.0
         sample["image_path"] = entry.image_path
+        sample["sample_key"] = self._sample_key(entry, ref.repeat)
         sample["target_size_hw"] = (entry.bucket_wh[1], entry.bucket_wh[0])
         if not subset.alpha_mask:
             sample["alpha"] = None
@@ -256,6 +256,15 @@ class TrainDataset:
             return "", self.empty_conditioning
         variant = rng.randrange(len(entry.caption_variants))
         return entry.caption_variants[variant], load_conditioning(entry, variant)
+
+    def _sample_key(self, entry: ImageEntry, repeat: int) -> str:
+        """dataset:subset:image path inside the subset's folder:repeat - names a sample independently of
+        where the dataset folder lives (the trainer keys each sample's noise by it)."""
+        subsets = self.datasets[entry.dataset_index].subsets
+        subset_index = next(i for i, subset in enumerate(subsets) if subset is entry.subset)
+        folder = entry.subset.image_dir
+        name = os.path.relpath(entry.image_path, folder) if folder else os.path.basename(entry.image_path)
+        return f"{entry.dataset_index}:{subset_index}:{name}:{repeat}"
 
     def _image_sample(self, entry: ImageEntry, flip: bool, rng: random.Random) -> Optional[dict]:
         try:
@@ -292,6 +301,18 @@ class TrainDataset:
             "original_size_hw": (entry.image_size_wh[1], entry.image_size_wh[0]),
             "crop_top_left": plan.crop_top_left(entry.bucket_wh, flip),
         }
+
+
+def scan_entries(spec: DatasetGroupSpec) -> list[ImageEntry]:
+    """Every image entry of every subset of `spec` (unreadable images reported and left out)."""
+    report = SkipReport()
+    scanned: list[ImageEntry] = []
+    for index, dataset in enumerate(spec.datasets):
+        scanner = SubsetScanner(index, _bucket_manager(dataset), report)
+        for subset in dataset.subsets:
+            scanned.extend(scanner.scan(subset))
+    report.log_summary()
+    return scanned
 
 
 def _step_zero(batch_index: int) -> int:

@@ -1,19 +1,23 @@
 """Resumable training state folders: write them atomically, find the newest, load them back.
 
 A state folder holds what accelerate's `save_state` writes (trainable weights, optimizer, LR
-scheduler, RNG states) plus `train_state.json` with the position in training (global step, epoch,
-next batch index, seed). The folder is first written under a temporary name and only renamed into
-place once complete, so a kill during a save never leaves a corrupt newest state; a folder without
-`train_state.json` is half-written and `--resume latest` skips it with a warning.
+scheduler, RNG states of every process) plus `train_state.json` with the position in training
+(global step, epoch, next batch index, seed). It is written as `<folder>.partial`, `train_state.json`
+last, and only then renamed into place (the folder it replaces is kept as `<folder>.previous`
+until the rename is done), so a kill at any moment leaves the newest complete state findable:
+`--resume latest` takes the complete folder with the highest step and skips half-written ones
+with a warning. The position is all the trainer needs besides accelerate's files, because every
+random draw is keyed by position (library/training/step_rng.py).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
+import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 
 from library.atomic_io import write_text_atomic
@@ -33,20 +37,38 @@ class TrainingPosition:
     seed: int
 
 
+STATE_FOLDER_SUFFIXES = ("", ".partial", ".previous")  # the folder, a save in progress, the one it replaces
+PAUSE_FOR_TESTS_ENV = "DIFFUSION_TRAINER_TEST_PAUSE_IN_STATE_SAVE"  # seconds; lets tests kill mid-save
+
+
 def save_training_state(accelerator, folder: str, position: TrainingPosition) -> None:
-    partial = f"{folder}.partial"
-    if os.path.exists(partial):
+    """Write the state to `<folder>.partial`, then rename it into place (called on every process)."""
+    partial, previous = f"{folder}.partial", f"{folder}.previous"
+    if accelerator.is_main_process and os.path.exists(partial):
         shutil.rmtree(partial)
-    accelerator.save_state(partial)
-    record = {"format_version": STATE_FORMAT_VERSION, **asdict(position)}
-    write_text_atomic(os.path.join(partial, STATE_FILE), json.dumps(record, indent=2))
-    previous = f"{folder}.previous"
-    if os.path.exists(folder):
-        os.replace(folder, previous)
-    os.replace(partial, folder)
-    if os.path.exists(previous):
-        shutil.rmtree(previous)
-    logger.info("saved training state to %s", folder)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)  # each process writes its own RNG file into the folder
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _pause_for_tests()
+        record = {"format_version": STATE_FORMAT_VERSION, **asdict(position)}
+        write_text_atomic(os.path.join(partial, STATE_FILE), json.dumps(record, indent=2))
+        if os.path.exists(previous) and os.path.exists(folder):
+            shutil.rmtree(previous)  # left by a save killed after its rename
+        if os.path.exists(folder):
+            os.replace(folder, previous)
+        os.replace(partial, folder)
+        if os.path.exists(previous):
+            shutil.rmtree(previous)
+        logger.info("saved training state to %s", folder)
+    accelerator.wait_for_everyone()
+
+
+def _pause_for_tests() -> None:
+    seconds = os.environ.get(PAUSE_FOR_TESTS_ENV)
+    if seconds:
+        logger.warning("%s=%s: pausing inside the state save", PAUSE_FOR_TESTS_ENV, seconds)
+        time.sleep(float(seconds))
 
 
 def read_position(folder: str) -> TrainingPosition | None:
@@ -59,9 +81,17 @@ def read_position(folder: str) -> TrainingPosition | None:
 
 
 def find_latest_state(output_dir: str, output_name: str) -> str | None:
-    """The complete state folder of `output_name` with the highest global step, or None."""
+    """The complete state folder of `output_name` with the highest global step, or None.
+
+    A folder is complete once it has train_state.json (written last); that includes a `.partial`
+    or `.previous` folder left by a kill during the final renames. Others are ignored with a warning.
+    """
+    pattern = re.compile(rf"{re.escape(output_name)}(-step\d+|-\d+)?-state(\.partial|\.previous)?")
     best, best_step = None, -1
-    for folder in glob.glob(os.path.join(glob.escape(output_dir), f"{glob.escape(output_name)}*-state")):
+    for name in sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []:
+        folder = os.path.join(output_dir, name)
+        if not pattern.fullmatch(name) or not os.path.isdir(folder):
+            continue
         position = read_position(folder)
         if position is None:
             logger.warning("ignoring %s: it has no %s (a save was interrupted)", folder, STATE_FILE)

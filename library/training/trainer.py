@@ -1,9 +1,11 @@
 """The generic training loop, shared by every family and both training modes.
 
-It wires the pieces together: dataset specs -> TrainDataset (+ latent cache) -> the family's
-tokenize/encode strategies -> the family's noise scheme and denoiser call -> loss -> optimizer ->
-periodic saves and resumable states. It never branches on a family: everything model-specific
-comes from the family object; everything mode-specific (LoRA or full weights) from the mode.
+It wires the pieces together: dataset specs -> TrainDataset (+ validation split, latent and
+text-encoder caches) -> per-batch loss (library/training/step_loss.py: the family's strategies,
+noise scheme and denoiser call) -> optimizer -> periodic saves, resumable states, sample images
+(sampling.py) and validation loss (validation.py). Several processes split every global batch
+(distributed.py). It never branches on a family: everything model-specific comes from the family
+object; everything mode-specific (LoRA or full weights) from the mode.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 
 from library.atomic_io import ensure_writable_dir
@@ -31,15 +34,19 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name])
 
 
-def move_tokens(tokens: list[dict], device) -> list[dict]:
-    return [{k: v.to(device) for k, v in part.items()} for part in tokens]
-
-
 def move_module(module, device, dtype) -> None:
     """Move to device, and cast only when the dtype really changes (diffusers warns on every cast)."""
     module.to(device)
     if next(module.parameters()).dtype != dtype:
         module.to(dtype=dtype)
+
+
+def trigger_word_for_samples(args, dataset) -> str | None:
+    """--trigger_word, else the first subset that sets one."""
+    if getattr(args, "trigger_word", None):
+        return args.trigger_word
+    words = [s.captions.trigger_word for d in dataset.datasets for s in d.subsets if s.captions.trigger_word]
+    return words[0] if words else None
 
 
 class Trainer:
@@ -48,22 +55,20 @@ class Trainer:
         self.mode = make_mode(mode_name, family, args)
 
     # ----- setup -------------------------------------------------------------------------------
-    def _build_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+    def _load_datasets(self, seed: int, num_processes: int):
+        from library.config.dataset_config import load_dataset_group
+        from library.training.validation import build_datasets
 
         args = self.args
-        log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
-        project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir)
-        return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project)
-
-    def _load_dataset(self, seed: int):
-        from library.config.dataset_config import load_dataset_group
-        from library.data.dataset import TrainDataset
-
-        spec = load_dataset_group(self.args)
-        return TrainDataset.from_spec(spec, seed=seed, prior_loss_weight=self.args.prior_loss_weight,
-                                      max_train_steps=self.args.max_train_steps)
+        train, validation = build_datasets(load_dataset_group(args), seed, args.prior_loss_weight, args.max_train_steps)
+        train.num_processes = num_processes
+        if validation is None and (args.validate_every_n_steps or args.validate_every_n_epochs):
+            raise UserError("--validate_every_n_steps/--validate_every_n_epochs need validation images: set "
+                            "validation_split (flag or dataset option) or a [[datasets]] with is_validation = true")
+        for dataset in (train, validation):
+            if dataset is not None and (args.cache_latents or args.cache_latents_to_disk):
+                dataset.validate_for_latent_caching()
+        return train, validation
 
     def _place_components(self, components, device, weight_dtype) -> None:
         """Frozen parts go to the training dtype; trainable parts stay fp32 unless --full_*."""
@@ -72,6 +77,7 @@ class Trainer:
         args = self.args
         trainable = {id(m) for m in self.mode.trainable_modules(components)}
         full_precision_dtype = weight_dtype if (args.full_fp16 or args.full_bf16) else torch.float32
+
         def dtype_of(part):
             return full_precision_dtype if id(part) in trainable else weight_dtype
 
@@ -81,20 +87,20 @@ class Trainer:
         if components.vae is not None:
             move_module(components.vae, device, torch.float32 if getattr(args, "no_half_vae", False) else weight_dtype)
 
-    def _cache_latents(self, dataset, strategy, components, device) -> bool:
+    def _cache_latents(self, dataset, strategy, components, accelerator) -> None:
         args = self.args
         if not (args.cache_latents or args.cache_latents_to_disk):
-            return False
+            return
         from library.data.latent_cache import cache_dataset_latents
 
         components.vae.eval()
-        counts = cache_dataset_latents(
-            dataset, strategy, components.vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
-            device=device, dtype=next(components.vae.parameters()).dtype, skip_cache_check=args.skip_cache_check,
-            cache_dir=args.latents_cache_dir,
-        )
+        with accelerator.main_process_first():  # the others then reuse the main process's cache files
+            counts = cache_dataset_latents(
+                dataset, strategy, components.vae, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
+                device=accelerator.device, dtype=next(components.vae.parameters()).dtype,
+                skip_cache_check=args.skip_cache_check, cache_dir=args.latents_cache_dir,
+            )
         logger.info("latent cache: %d encoded, %d reused", counts.encoded, counts.reused)
-        return True
 
     def _cache_text_encoder_outputs(self, dataset, components, device) -> None:
         args = self.args
@@ -115,56 +121,53 @@ class Trainer:
 
     # ----- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
-        import torch
-
+        from library.training.distributed import build_accelerator
         from library.training.lr_schedulers import build_lr_scheduler
         from library.training.metadata import training_metadata
         from library.training.optimizers import build_optimizer, describe_optimizer, set_optimizer_train_mode
         from library.training.state import load_training_state, resolve_resume_folder
+        from library.training.step_loss import TrainableModules
+        from library.training.step_rng import seed_everything
 
         args = self.args
         ensure_writable_dir(args.output_dir)
         started_at = time.time()
         resume_folder = resolve_resume_folder(args.resume, args.output_dir, args.output_name) if args.resume else None
         seed = self._choose_seed(resume_folder)
+        seed_everything(seed)  # network initialisation, before any state is loaded, is then reproducible
 
-        accelerator = self._build_accelerator()
-        dataset = self._load_dataset(seed)
-        if args.cache_latents or args.cache_latents_to_disk:
-            dataset.validate_for_latent_caching()
+        accelerator = build_accelerator(args)
+        dataset, validation_dataset = self._load_datasets(seed, accelerator.num_processes)
         num_batches, steps_per_epoch, max_steps = self._step_counts(dataset)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         dataset.max_train_steps = max_steps
 
         components = self.family.load(args)
         weight_dtype = torch_dtype(args.mixed_precision)
-        device = accelerator.device
         param_groups = self.mode.prepare(components)
-        self._place_components(components, device, weight_dtype)
+        self._place_components(components, accelerator.device, weight_dtype)
         latents_strategy = self.family.latents_caching_strategy(args)
-        latents_cached = self._cache_latents(dataset, latents_strategy, components, device)
-        self._cache_text_encoder_outputs(dataset, components, device)
+        for part in (dataset, validation_dataset):
+            if part is not None:
+                self._cache_latents(part, latents_strategy, components, accelerator)
+                self._cache_text_encoder_outputs(part, components, accelerator.device)
         if args.gradient_checkpointing:
             self._enable_gradient_checkpointing(components)
 
         optimizer = build_optimizer(args, param_groups)
-        # accelerate steps a prepared scheduler once per process per optimizer step
-        lr_scheduler = build_lr_scheduler(args, optimizer, max_steps * accelerator.num_processes)
+        lr_scheduler = build_lr_scheduler(args, optimizer, max_steps)
         trainable = self.mode.trainable_modules(components)
-        prepared = accelerator.prepare(*trainable, optimizer, lr_scheduler)
-        self.mode.replace_prepared(list(prepared[: len(trainable)]))
-        optimizer, lr_scheduler = prepared[len(trainable)], prepared[len(trainable) + 1]
+        wrapper, optimizer, lr_scheduler = accelerator.prepare(TrainableModules(trainable), optimizer, lr_scheduler)
 
         position = TrainingPosition(global_step=0, epoch=1, batch_index=0, seed=seed)
         if resume_folder:
             position = load_training_state(accelerator, resume_folder)
 
-        self.run = _Run(self, accelerator, components, dataset, optimizer, lr_scheduler, weight_dtype,
-                        latents_strategy, latents_cached, max_steps, steps_per_epoch, num_batches,
-                        training_metadata(args, self.family, dataset, describe_optimizer(args, optimizer),
-                                          num_batches_per_epoch=num_batches,
-                                          num_epochs=num_epochs, max_train_steps=max_steps, seed=seed,
-                                          started_at=started_at))
+        metadata = training_metadata(args, self.family, dataset, describe_optimizer(args, optimizer),
+                                     num_batches_per_epoch=num_batches, num_epochs=num_epochs,
+                                     max_train_steps=max_steps, seed=seed, started_at=started_at)
+        self.run = _Run(self, accelerator, components, dataset, validation_dataset, optimizer, lr_scheduler, wrapper,
+                        weight_dtype, latents_strategy, max_steps, steps_per_epoch, num_batches, metadata)
         set_optimizer_train_mode(optimizer, True)
         self.run.loop(position, num_epochs)
 
@@ -191,21 +194,30 @@ class Trainer:
 class _Run:
     """The state of one training run in progress (kept apart from setup to keep both short)."""
 
-    def __init__(self, trainer, accelerator, components, dataset, optimizer, lr_scheduler, weight_dtype,
-                 latents_strategy, latents_cached, max_steps, steps_per_epoch, num_batches, metadata):
+    def __init__(self, trainer, accelerator, components, dataset, validation_dataset, optimizer, lr_scheduler, wrapper,
+                 weight_dtype, latents_strategy, max_steps, steps_per_epoch, num_batches, metadata):
+        from library.training.sampling import Sampler
+        from library.training.step_loss import NonFiniteGuard, StepLoss
+        from library.training.validation import Validator
+
         self.trainer, self.args, self.family, self.mode = trainer, trainer.args, trainer.family, trainer.mode
         self.accelerator, self.components, self.dataset = accelerator, components, dataset
-        self.optimizer, self.lr_scheduler, self.weight_dtype = optimizer, lr_scheduler, weight_dtype
-        self.latents_strategy, self.latents_cached = latents_strategy, latents_cached
+        self.optimizer, self.lr_scheduler, self.wrapper = optimizer, lr_scheduler, wrapper
         self.max_steps, self.steps_per_epoch, self.num_batches = max_steps, steps_per_epoch, num_batches
         self.metadata = metadata
-        self.tokenize = self.family.tokenize_strategy(self.args, components)
-        self.encode_text = self.family.text_encoding_strategy(self.args)
-        self.noise = self.family.noise_scheme(self.args, components)
-        self.schedule = checkpoints.SaveSchedule(self.args.save_every_n_steps, self.args.save_every_n_epochs,
-                                                 self.args.save_last_n_steps, self.args.save_last_n_epochs)
+        self.seed = int(metadata["ss_seed"])
+        self.trainable = self.mode.trainable_modules(components)
+        self.step_loss = StepLoss(self.family, components, self.args, accelerator, latents_strategy, weight_dtype,
+                                  self.mode.trains_text_encoder)
+        self.schedule = checkpoints.SaveSchedule.from_args(self.args)
         self.save_dtype = torch_dtype(self.args.save_precision or "float")
+        self.sampler = Sampler(self.family, self.args, components, accelerator, self.trainable,
+                               trigger_word_for_samples(self.args, dataset), self.seed)
+        self.validator = None if validation_dataset is None else Validator(
+            validation_dataset, self.step_loss, accelerator, self.args, self.seed, self.trainable, max_steps)
+        self.guard = NonFiniteGuard(self.args.max_nonfinite_steps)
         self.window_losses: list[float] = []
+        self.saved: list[str] = []
 
     def loop(self, position: TrainingPosition, num_epochs: int) -> None:
         from tqdm.auto import tqdm
@@ -213,43 +225,49 @@ class _Run:
         args = self.args
         progress = tqdm(total=self.max_steps, initial=position.global_step, desc="steps",
                         disable=not self.accelerator.is_local_main_process)
-        logger.info("training %d steps: %d epochs of %d batches (gradient accumulation %d)",
-                    self.max_steps, num_epochs, self.num_batches, args.gradient_accumulation_steps)
-        self.accelerator.init_trackers(args.log_prefix or "train", config={})
+        logger.info("training %d steps: %d epochs of %d batches (gradient accumulation %d, %d processes)",
+                    self.max_steps, num_epochs, self.num_batches, args.gradient_accumulation_steps,
+                    self.accelerator.num_processes)
+        self.accelerator.init_trackers(args.log_prefix or "train")
+        if self.sampler.due_at_first(position.global_step):
+            self.sampler.sample(0, epoch=0)
         while position.global_step < self.max_steps and position.epoch <= num_epochs:
             epoch = position.epoch
             position = self._run_epoch(position, progress)
-            if position.epoch > epoch and self.schedule.saves_at_epoch(epoch) and position.global_step < self.max_steps:
-                self._save(checkpoints.epoch_stem(args.output_name, epoch), position,
-                           prune_stem=self._pruned_epoch_stem(epoch))
+            self._after_epoch(epoch, position)
         progress.close()
-        self._save(args.output_name, position, prune_stem=None, is_final=True)
+        self._save(args.output_name, position, is_final=True)
         self.accelerator.end_training()
 
     def _run_epoch(self, position: TrainingPosition, progress) -> TrainingPosition:
         """Runs the rest of `position.epoch`; returns the position after its last optimizer step."""
         from library.data.dataset import EpochLoader
+        from library.training.distributed import mean_over_processes, rank_shares
 
         accum, epoch = self.args.gradient_accumulation_steps, position.epoch
         first_step = (epoch - 1) * self.steps_per_epoch
-        loader = EpochLoader(self.dataset, epoch, start_batch=position.batch_index,
+        shares = rank_shares(self.dataset.batches_for_epoch(epoch), self.accelerator.process_index,
+                             self.accelerator.num_processes)
+        loader = EpochLoader(self.dataset, epoch, start_batch=position.batch_index, batches=[s.refs for s in shares],
                              global_step_of_batch=lambda i: first_step + i // accum)
-        micro_losses, start = [], position.batch_index
-        for batch_index, batch in enumerate(self._dataloader(loader), start=start):
+        micro_losses = []
+        for batch_index, batch in enumerate(self._dataloader(loader), start=position.batch_index):
             group_end = min((batch_index // accum + 1) * accum, self.num_batches)
             group_size = group_end - (batch_index // accum) * accum
-            micro_losses.append(self._micro_step(batch, epoch, batch_index, group_size, sync=batch_index + 1 == group_end))
-            if batch_index + 1 < group_end:
+            sync = batch_index + 1 == group_end
+            micro_losses.append(self._micro_step(batch, shares[batch_index], epoch, batch_index, group_size, sync))
+            if not sync:
                 continue
             step = position.global_step + 1
             ends_epoch = group_end == self.num_batches
             position = TrainingPosition(step, epoch + 1 if ends_epoch else epoch, 0 if ends_epoch else group_end,
                                         position.seed)
-            self._log_step(progress, step, sum(micro_losses))
+            loss = mean_over_processes(self.accelerator, sum(micro_losses))
             micro_losses = []
-            if self.schedule.saves_at_step(step) and step < self.max_steps:
-                self._save(checkpoints.step_stem(self.args.output_name, step), position,
-                           prune_stem=self._pruned_step_stem(step))
+            finite = self._optimizer_step(loss)
+            self._log_step(progress, step, loss)
+            self.guard.record(step, finite, self._kept_saves())
+            self._after_step(step, position)
             if step >= self.max_steps:
                 break
         return position
@@ -260,71 +278,35 @@ class _Run:
         workers = self.args.max_data_loader_n_workers
         return DataLoader(loader, batch_size=None, num_workers=workers, persistent_workers=False)
 
-    def _micro_step(self, batch: dict, epoch: int, batch_index: int, group_size: int, sync: bool) -> float:
+    def _micro_step(self, batch: dict, share, epoch: int, batch_index: int, group_size: int, sync: bool) -> float:
+        from library.training.distributed import sample_generators
         from library.training.step_rng import batch_generator
 
         accelerator = self.accelerator
-        generator = batch_generator(self.args_seed, epoch, batch_index, accelerator.process_index, accelerator.device)
-        trainable = self.mode.trainable_modules(self.components)
-        no_sync = nullcontext() if sync else accelerator.no_sync(trainable[0])
-        with no_sync:
-            loss = self._loss(batch, generator)
+        # reseeds the global RNGs (LoRA dropout) for this micro-batch; noise has per-sample generators
+        batch_generator(self.seed, epoch, batch_index, accelerator.process_index, accelerator.device)
+        generators = sample_generators(self.seed, epoch, batch["sample_keys"], accelerator.device)
+        with nullcontext() if sync else accelerator.no_sync(self.wrapper):
+            losses = self.step_loss.sample_losses(batch, generators, forward=self.wrapper)
+            loss = losses.sum() * share.loss_scale(accelerator.num_processes)
             accelerator.backward(loss / group_size)
-        if sync:
-            self._optimizer_step(trainable)
         return loss.detach().item() / group_size
 
-    @property
-    def args_seed(self) -> int:
-        return int(self.metadata["ss_seed"])
-
-    def _latents(self, batch: dict):
-        import torch
-
-        device = self.accelerator.device
-        if "latents" in batch:
-            return batch["latents"].to(device, dtype=torch.float32)
-        vae = self.components.vae
-        with torch.no_grad():
-            images = batch["images"].to(device, dtype=next(vae.parameters()).dtype)
-            return self.latents_strategy.encode(vae, images).to(torch.float32)
-
-    def _conditioning(self, batch: dict) -> dict:
-        import torch
-
-        if "conditioning" in batch:  # cached text-encoder outputs
-            return {k: v.to(self.accelerator.device) for k, v in batch["conditioning"].items()}
-        tokens = move_tokens(self.tokenize.tokenize(batch["captions"]), self.accelerator.device)
-        with torch.set_grad_enabled(self.mode.trains_text_encoder):
-            return self.encode_text.encode(self.components.text_encoders, tokens)
-
-    def _loss(self, batch: dict, generator):
-        from library.training.losses import per_sample_loss
-
-        latents = self._latents(batch)
-        conditioning = self._conditioning(batch)
-        noise = self.noise.sample_noise(latents, generator)
-        timesteps = self.noise.sample_timesteps(latents.shape[0], latents.device, generator)
-        noisy = self.noise.add_noise(latents, noise, timesteps, generator)
-        with self.accelerator.autocast():
-            prediction = self.family.predict(self.components, noisy.to(self.weight_dtype),
-                                             self.noise.model_timesteps(timesteps), conditioning, batch)
-        target = self.noise.target(latents, noise, timesteps)
-        mask = batch.get("alpha_masks")
-        if mask is not None:
-            mask = mask.to(latents.device)
-        losses = per_sample_loss(prediction.float(), target.float(), self.args.loss_type,
-                                 self.noise.huber_c(timesteps), mask)
-        weights = self.noise.loss_weights(timesteps) * batch["loss_weights"].to(latents.device)
-        return (losses * weights).mean()
-
-    def _optimizer_step(self, trainable) -> None:
-        if self.args.max_grad_norm:
-            params = [p for module in trainable for p in module.parameters() if p.requires_grad]
-            self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
+    def _optimizer_step(self, loss: float) -> bool:
+        """Steps the optimizer unless the loss (the same on every process) is NaN/inf; False then."""
+        finite = math.isfinite(loss)
+        if finite:
+            if self.args.max_grad_norm:
+                params = [p for module in self.trainable for p in module.parameters() if p.requires_grad]
+                self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        else:
+            with warnings.catch_warnings():  # torch warns when the scheduler steps without the optimizer
+                warnings.simplefilter("ignore")
+                self.lr_scheduler.step()  # the schedule follows the step count, skipped steps included
         self.optimizer.zero_grad(set_to_none=True)
+        return finite
 
     def _log_step(self, progress, global_step: int, loss: float) -> None:
         lr = self.lr_scheduler.get_last_lr()[0]
@@ -339,16 +321,41 @@ class _Run:
                         global_step, self.max_steps, mean, len(self.window_losses), lr)
             self.window_losses = []
 
+    def _after_step(self, step: int, position: TrainingPosition) -> None:
+        if self.schedule.saves_at_step(step) and step < self.max_steps and not self.guard.in_streak:
+            name = self.args.output_name
+            old_file, old_state = self.schedule.step_to_prune(step), self.schedule.step_to_prune(step, state=True)
+            self._save(checkpoints.step_stem(name, step), position,
+                       checkpoints.step_stem(name, old_file) if old_file else None,
+                       checkpoints.step_stem(name, old_state) if old_state else None)
+        if self.sampler.due_at_step(step):
+            self.sampler.sample(step)
+        if self.validator and self.validator.due_at_step(step):
+            self.validator.run(step)
+
+    def _after_epoch(self, epoch: int, position: TrainingPosition) -> None:
+        """After an epoch's last step, or after the last step of training inside an epoch."""
+        step = position.global_step
+        if position.epoch > epoch and self.schedule.saves_at_epoch(epoch) and step < self.max_steps \
+                and not self.guard.in_streak:
+            name = self.args.output_name
+            old_file, old_state = self.schedule.epoch_to_prune(epoch), self.schedule.epoch_to_prune(epoch, state=True)
+            self._save(checkpoints.epoch_stem(name, epoch), position,
+                       checkpoints.epoch_stem(name, old_file) if old_file else None,
+                       checkpoints.epoch_stem(name, old_state) if old_state else None)
+        if self.sampler.due_at_epoch(epoch):
+            self.sampler.sample(step, epoch=epoch)
+        if self.validator and self.validator.due_at_epoch(epoch, step):
+            self.validator.run(step)
+
     # ----- saving ------------------------------------------------------------------------------
-    def _pruned_step_stem(self, step: int) -> str | None:
-        old = self.schedule.step_to_prune(step)
-        return checkpoints.step_stem(self.args.output_name, old) if old else None
+    def _kept_saves(self) -> str:
+        if not self.saved:
+            return "nothing was saved yet, so no file was written"
+        return f"the last saves ({', '.join(self.saved[-2:])}) are kept unchanged"
 
-    def _pruned_epoch_stem(self, epoch: int) -> str | None:
-        old = self.schedule.epoch_to_prune(epoch)
-        return checkpoints.epoch_stem(self.args.output_name, old) if old else None
-
-    def _save(self, stem: str, position: TrainingPosition, prune_stem: str | None, is_final: bool = False) -> None:
+    def _save(self, stem: str, position: TrainingPosition, prune_file: str | None = None,
+              prune_state: str | None = None, is_final: bool = False) -> None:
         import os
 
         from library.training.metadata import save_time_metadata
@@ -365,11 +372,16 @@ class _Run:
                                           architecture=self._architecture())
             self.mode.save(self.components, path, self.save_dtype, metadata)
             logger.info("saved %s", path)
+            self.saved.append(os.path.basename(path))
             set_optimizer_train_mode(self.optimizer, True)
-            if prune_stem:
-                checkpoints.remove_saved(args.output_dir, prune_stem, self.mode.save_extension)
+            if prune_file:
+                checkpoints.remove_saved_file(args.output_dir, prune_file, self.mode.save_extension)
         if args.save_state or (is_final and args.save_state_on_train_end):
-            save_training_state(accelerator, os.path.join(args.output_dir, checkpoints.state_dir_name(stem)), position)
+            folder = checkpoints.state_dir_name(stem)
+            save_training_state(accelerator, os.path.join(args.output_dir, folder), position)
+            self.saved.append(folder)
+            if prune_state and accelerator.is_main_process:
+                checkpoints.remove_saved_state(args.output_dir, prune_state)
 
     def _architecture(self) -> str:
         suffix = "/lora" if self.mode.save_extension == ".safetensors" and hasattr(self.mode, "network") else ""
