@@ -118,7 +118,13 @@ def _catalogue(tmp, images, model):
     broken_json = _write(tmp / "meta.json", "{not json")
     random_crop = _write(tmp / "crop.toml", f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{images}/1_shape'\n"
                                             "random_crop = true\n")
+    sd_scripts_state = tmp / "sd_scripts-state"
+    sd_scripts_state.mkdir()
+    _write(sd_scripts_state / "train_state.json", '{"current_epoch": 1, "current_step": 3}')
     return [
+        ("state folder of another trainer", ["--resume", str(sd_scripts_state)], "another trainer"),
+        ("log prefix without logging", ["--log_prefix", "run1"], "--logging_dir"),
+        ("cache folder without disk caching", ["--latents_cache_dir", str(tmp / "cache")], "--cache_latents_to_disk"),
         ("output folder is a file", ["--output_dir", f"{not_a_folder}/out"], "plain_file"),
         ("unknown optimizer", ["--optimizer_type", "AdamWW"], "AdamW"),
         ("missing network module", ["--network_module", "networks.nope"], "networks.nope"),

@@ -90,6 +90,20 @@ def validate_general_args(args: argparse.Namespace) -> None:
     for unit in ("steps", "epochs"):
         if getattr(args, f"save_last_n_{unit}_state") and not (args.save_state and getattr(args, f"save_every_n_{unit}")):
             raise UserError(f"--save_last_n_{unit}_state needs --save_state and --save_every_n_{unit}")
+    if args.log_prefix and not args.logging_dir:
+        raise UserError("--log_prefix needs --logging_dir (the folder the logs go to)")
+    if getattr(args, "learning_rate_te", None) is not None and not getattr(args, "train_text_encoder", False):
+        raise UserError("--learning_rate_te has no effect without --train_text_encoder")
+    validate_caching_flags(args)
+
+
+def validate_caching_flags(args: argparse.Namespace) -> None:
+    """Latent-cache options only act when latents are cached."""
+    to_disk_only = [flag for flag in ("latents_cache_dir", "skip_cache_check") if getattr(args, flag, None)]
+    if to_disk_only and not args.cache_latents_to_disk:
+        raise UserError(f"--{to_disk_only[0]} needs --cache_latents_to_disk")
+    if args.vae_batch_size != 1 and not (args.cache_latents or args.cache_latents_to_disk):
+        raise UserError("--vae_batch_size needs --cache_latents or --cache_latents_to_disk")
 
 
 def build_parser(family, mode: str) -> argparse.ArgumentParser:

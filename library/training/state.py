@@ -77,7 +77,11 @@ def read_position(folder: str) -> TrainingPosition | None:
         return None
     with open(path, encoding="utf-8") as f:
         record = json.load(f)
-    return TrainingPosition(**{k: record[k] for k in ("global_step", "epoch", "batch_index", "seed")})
+    keys = ("global_step", "epoch", "batch_index", "seed")
+    if not isinstance(record, dict) or any(key not in record for key in keys):
+        raise UserError(f"{folder} was written by another trainer (e.g. sd-scripts) and cannot be resumed here; "
+                        "start a new run from its LoRA with --network_weights")
+    return TrainingPosition(**{key: record[key] for key in keys})
 
 
 def find_latest_state(output_dir: str, output_name: str) -> str | None:
@@ -92,7 +96,11 @@ def find_latest_state(output_dir: str, output_name: str) -> str | None:
         folder = os.path.join(output_dir, name)
         if not pattern.fullmatch(name) or not os.path.isdir(folder):
             continue
-        position = read_position(folder)
+        try:
+            position = read_position(folder)
+        except (UserError, ValueError) as error:
+            logger.warning("ignoring %s: %s", folder, error)
+            continue
         if position is None:
             logger.warning("ignoring %s: it has no %s (a save was interrupted)", folder, STATE_FILE)
             continue
