@@ -13,27 +13,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from timed_runs import seconds_per_step, timed_training
 
 LORA_FLAGS = ["--network_dim", "8", "--network_alpha", "8", "--network_train_unet_only"]
-
-
-def trainer_seconds(model: str, images: str, output: str, steps: int) -> float:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    from library.cli import run_training
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    start = time.perf_counter()
-    run_training("sd", "network", [
-        "--pretrained_model_name_or_path", model, "--train_data_dir", images, "--resolution", "64",
-        "--output_dir", output, "--max_train_steps", str(steps), "--train_batch_size", "2", "--seed", "1",
-        "--learning_rate", "1e-4", "--cache_latents", "--max_grad_norm", "0", *LORA_FLAGS,
-    ])
-    return time.perf_counter() - start
 
 
 def bare_loop_seconds_per_step(model: str, steps: int) -> float:
@@ -97,10 +79,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         model = write_demo_model(os.path.join(root, "model"))
         images = write_demo_images(os.path.join(root, "images"))
-        trainer_seconds(model, images, os.path.join(root, "warmup"), 2)
-        short = min(trainer_seconds(model, images, os.path.join(root, f"s{i}"), options.short) for i in range(2))
-        long = min(trainer_seconds(model, images, os.path.join(root, f"l{i}"), options.long) for i in range(2))
-        trainer_step = (long - short) / (options.long - options.short)
+        def argv(steps, tag):
+            return ["--pretrained_model_name_or_path", model, "--train_data_dir", images, "--resolution", "64",
+                    "--output_dir", os.path.join(root, tag), "--max_train_steps", str(steps),
+                    "--train_batch_size", "2", "--seed", "1", "--learning_rate", "1e-4", "--cache_latents",
+                    "--max_grad_norm", "0", *LORA_FLAGS]
+
+        timed_training("sd", argv(2, "warmup"))
+        trainer_step = seconds_per_step("sd", argv, options.short, options.long)
         bare_step = min(bare_loop_seconds_per_step(model, options.long - options.short) for _ in range(2))
     print(f"trainer step:   {trainer_step * 1000:7.1f} ms")
     print(f"bare loop step: {bare_step * 1000:7.1f} ms")

@@ -163,6 +163,22 @@ def _is_reusable(job: _CacheJob, strategy, skip_cache_check: bool) -> bool:
     return is_cache_valid(job.path, job.entry, strategy, job.need_flip, job.need_alpha)
 
 
+def use_existing_cache_files(
+    dataset: "TrainDataset", strategy: "LatentsCachingStrategy", *, cache_dir: Optional[str], skip_cache_check: bool
+) -> bool:
+    """Point every entry at its valid cache file if ALL of them have one (then no VAE is needed);
+    returns False, leaving the entries unchanged, as soon as one image would need encoding."""
+    jobs = _jobs_for(dataset.entries, strategy, True, cache_dir)
+    if not all(_is_reusable(job, strategy, skip_cache_check) for job in jobs):
+        return False
+    for job in jobs:
+        for entry in job.entries:
+            entry.clear_latent_cache()
+            entry.cache_path = job.path
+    logger.info("latents: 0 images encoded, %d reused from cache files", len(jobs))
+    return True
+
+
 def cache_dataset_latents(
     dataset: "TrainDataset",
     strategy: "LatentsCachingStrategy",

@@ -119,8 +119,11 @@ class ModelFamily(ABC):
         move_module(components.denoiser, device, dtype)
 
     @abstractmethod
-    def load(self, args: "argparse.Namespace") -> ModelComponents:
-        """Load from --pretrained_model_name_or_path (single file, diffusers folder or hub id)."""
+    def load(self, args: "argparse.Namespace", with_vae: bool = True) -> ModelComponents:
+        """Load from --pretrained_model_name_or_path (single file, diffusers folder or hub id).
+
+        with_vae=False (every latent is already in a valid cache file): the returned
+        ModelComponents.vae is None and no VAE weights are read (--vae / --ae are not needed)."""
 
     @abstractmethod
     def tokenize_strategy(self, args, components: ModelComponents) -> "TokenizeStrategy": ...

@@ -273,7 +273,7 @@ class FluxFamily(ModelFamily):
 
     # ---- loading ------------------------------------------------------------------------------------
 
-    def load(self, args: argparse.Namespace) -> ModelComponents:
+    def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.models.flux_checkpoint import load_flux_models
         from library.models.flux_checkpoint import flux_sampling_scheduler
         from library.training.trainer import torch_dtype
@@ -281,7 +281,7 @@ class FluxFamily(ModelFamily):
         self.validate_args(args)
         models = load_flux_models(args.pretrained_model_name_or_path, args.clip_l, args.t5xxl, args.ae,
                                   args.t5_tokenizer, dtype=torch_dtype(args.mixed_precision),
-                                  keep_fp8=args.fp8_base or args.fp8_base_unet)
+                                  keep_fp8=args.fp8_base or args.fp8_base_unet, with_vae=with_vae)
         self.is_schnell = models.is_schnell
         if self.is_schnell and args.guidance_scale is not None:
             raise UserError("--guidance_scale has no effect: this is a FLUX.1 schnell model (no guidance input)")

@@ -135,13 +135,13 @@ class LuminaFamily(ModelFamily):
 
     # ---- loading ------------------------------------------------------------------------------------
 
-    def load(self, args: argparse.Namespace) -> ModelComponents:
+    def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.models.lumina_checkpoint import load_lumina_models, lumina_sampling_scheduler
         from library.training.trainer import torch_dtype
 
         self.validate_args(args)
         models = load_lumina_models(args.pretrained_model_name_or_path, args.gemma2, args.ae, args.gemma2_tokenizer,
-                                    dtype=torch_dtype(args.mixed_precision))
+                                    dtype=torch_dtype(args.mixed_precision), with_vae=with_vae)
         self.encoder_fingerprint = gemma2_fingerprint(models.gemma2)
         return ModelComponents(
             denoiser=models.transformer, vae=models.vae, text_encoders=[models.gemma2], tokenizers=[models.tokenizer],

@@ -87,12 +87,12 @@ class SDFamily(ModelFamily):
 
     # ---- loading ------------------------------------------------------------------------------------
 
-    def load(self, args: argparse.Namespace) -> ModelComponents:
+    def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.models.sd_checkpoint import load_sd_models, sd_noise_scheduler
 
         self.validate_args(args)
         full_finetune = hasattr(args, "save_model_as")  # only full fine-tune parsers have it
-        models = load_sd_models(args.pretrained_model_name_or_path, args.vae, full_finetune)
+        models = load_sd_models(args.pretrained_model_name_or_path, args.vae, full_finetune, with_vae)
         source = args.pretrained_model_name_or_path
         if models.v2 != bool(args.v2):
             layout = "an SD 2.x model (OpenCLIP text encoder)" if models.v2 else "an SD 1.x model (CLIP-L text encoder)"

@@ -182,14 +182,14 @@ class SD3Family(ModelFamily):
 
     # ---- loading ------------------------------------------------------------------------------------
 
-    def load(self, args: argparse.Namespace) -> ModelComponents:
+    def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.families.sd3_text import text_encoders_fingerprint
         from library.models.sd3_checkpoint import load_sd3_models, sd3_sampling_scheduler
         from library.training.trainer import torch_dtype
 
         self.validate_args(args)
         models = load_sd3_models(args.pretrained_model_name_or_path, args.clip_l, args.clip_g, args.t5xxl,
-                                 args.t5_tokenizer, dtype=torch_dtype(args.mixed_precision))
+                                 args.t5_tokenizer, dtype=torch_dtype(args.mixed_precision), with_vae=with_vae)
         self.encoders_fingerprint = text_encoders_fingerprint(models.text_encoders)
         config = models.transformer.config
         logger.info("SD3 MMDiT: %d blocks, dual attention in %s, qk norm %s", config.num_layers,

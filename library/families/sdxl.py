@@ -124,14 +124,14 @@ class SDXLFamily(ModelFamily):
 
     # ---- loading ------------------------------------------------------------------------------------
 
-    def load(self, args: argparse.Namespace) -> ModelComponents:
+    def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.models.sd_checkpoint import sd_noise_scheduler
         from library.models.sdxl_checkpoint import load_sdxl_models
 
         self.validate_args(args)
         full_finetune = hasattr(args, "save_model_as")
         source = args.pretrained_model_name_or_path
-        models = load_sdxl_models(source, args.vae, full_finetune)
+        models = load_sdxl_models(source, args.vae, full_finetune, with_vae)
         if models.marked_v_prediction and not args.v_parameterization:
             logger.warning("%s is marked as a v-prediction model (`v_pred` key): you probably want "
                            "--v_parameterization (and --zero_terminal_snr if it was trained with it)", source)

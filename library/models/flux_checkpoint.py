@@ -418,17 +418,19 @@ class FluxModels:
 
 
 def load_flux_models(source: str, clip_l: Optional[str] = None, t5xxl: Optional[str] = None, ae: Optional[str] = None,
-                     t5_tokenizer: Optional[str] = None, dtype=None, keep_fp8: bool = False) -> FluxModels:
+                     t5_tokenizer: Optional[str] = None, dtype=None, keep_fp8: bool = False,
+                     with_vae: bool = True) -> FluxModels:
     """A BFL transformer file plus --clip_l/--t5xxl/--ae files, or a diffusers FLUX folder or hub id
     (whose parts those flags replace). Weights load in `dtype`; an fp8 transformer file stays fp8 with
-    keep_fp8 (--fp8_base)."""
+    keep_fp8 (--fp8_base). with_vae=False reads no AE (and needs no --ae): models.vae is None."""
     import torch
 
     from library.models.clip_tokenizer import build_clip_tokenizer
     from library.models.t5_tokenizer import load_t5_tokenizer
 
     if os.path.isfile(source):
-        missing = [flag for flag, value in (("--clip_l", clip_l), ("--t5xxl", t5xxl), ("--ae", ae)) if not value]
+        needed = (("--clip_l", clip_l), ("--t5xxl", t5xxl)) + ((("--ae", ae),) if with_vae else ())
+        missing = [flag for flag, value in needed if not value]
         if missing:
             raise UserError(f"{source} is a single transformer file: also pass {', '.join(missing)} "
                             "(clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors)")
@@ -438,10 +440,10 @@ def load_flux_models(source: str, clip_l: Optional[str] = None, t5xxl: Optional[
         parts = {"vae": None, "clip_l": None, "t5xxl": None, "clip_tokenizer": build_clip_tokenizer()}
         folder = None
     else:
-        transformer, parts = _load_pipeline_parts(source, dtype, load=(not ae, not clip_l, not t5xxl))
+        transformer, parts = _load_pipeline_parts(source, dtype, load=(with_vae and not ae, not clip_l, not t5xxl))
         is_schnell = not transformer.config.guidance_embeds
         folder = source if os.path.isdir(source) else None
-    vae = load_flux_ae(ae, dtype) if ae else parts["vae"]
+    vae = (load_flux_ae(ae, dtype) if ae else parts["vae"]) if with_vae else None
     clip = load_clip_l(clip_l, dtype) if clip_l else parts["clip_l"]
     t5 = load_t5xxl(t5xxl, dtype) if t5xxl else parts["t5xxl"]
     tokenizer_2 = parts.get("t5_tokenizer") if not t5_tokenizer else None

@@ -302,9 +302,9 @@ class LuminaModels:
 
 
 def load_lumina_models(source: str, gemma2: Optional[str] = None, ae: Optional[str] = None,
-                       tokenizer: Optional[str] = None, dtype=None) -> LuminaModels:
+                       tokenizer: Optional[str] = None, dtype=None, with_vae: bool = True) -> LuminaModels:
     """An original transformer file plus --gemma2/--ae files, or a diffusers Lumina 2 folder (whose
-    parts those flags replace)."""
+    parts those flags replace). with_vae=False reads no AE (and needs no --ae): models.vae is None."""
     import torch
 
     from library.models.flux_checkpoint import load_flux_ae
@@ -312,15 +312,16 @@ def load_lumina_models(source: str, gemma2: Optional[str] = None, ae: Optional[s
 
     dtype = dtype or torch.float32
     if os.path.isfile(source):
-        missing = [flag for flag, value in (("--gemma2", gemma2), ("--ae", ae)) if not value]
+        needed = (("--gemma2", gemma2),) + ((("--ae", ae),) if with_vae else ())
+        missing = [flag for flag, value in needed if not value]
         if missing:
             raise UserError(f"{source} is a single transformer file: also pass {', '.join(missing)} "
                             "(gemma_2_2b.safetensors, ae.safetensors)")
         transformer, parts, folder = load_lumina_transformer(source, dtype), {}, None
     else:
-        transformer, parts = _load_pipeline_parts(source, dtype, load_vae=not ae, load_gemma=not gemma2)
+        transformer, parts = _load_pipeline_parts(source, dtype, load_vae=with_vae and not ae, load_gemma=not gemma2)
         folder = source
-    vae = load_flux_ae(ae, dtype) if ae else parts["vae"]
+    vae = (load_flux_ae(ae, dtype) if ae else parts["vae"]) if with_vae else None
     text_encoder = load_gemma2(gemma2, dtype) if gemma2 else parts["gemma2"]
     return LuminaModels(transformer, vae, text_encoder, load_gemma_tokenizer(tokenizer, folder))
 

@@ -300,8 +300,8 @@ class SD3Models:
     tokenizers: list
 
 
-def load_sd3_single_file(path: str, dtype=None) -> SD3Models:
-    """MMDiT and VAE (and the text encoders the file holds) of an SAI single file."""
+def load_sd3_single_file(path: str, dtype=None, with_vae: bool = True) -> SD3Models:
+    """MMDiT and VAE (unless with_vae is False; and the text encoders the file holds) of an SAI single file."""
     from library.models.flux_checkpoint import read_safetensors_file
 
     state = read_safetensors_file(path, "--pretrained_model_name_or_path")
@@ -313,7 +313,7 @@ def load_sd3_single_file(path: str, dtype=None) -> SD3Models:
 
         raise wrong_family_error(path, detect_checkpoint_family(state))
     transformer = build_transformer(mmdit, path, dtype)
-    vae_state = _sub(state, VAE_PREFIX)
+    vae_state = _sub(state, VAE_PREFIX) if with_vae else None
     vae = build_vae(vae_state, path, dtype) if vae_state else None
     encoders = []
     for key in TEXT_ENCODER_KEYS:
@@ -327,8 +327,9 @@ def load_sd3_single_file(path: str, dtype=None) -> SD3Models:
     return SD3Models(transformer, vae, encoders, [None, None, None])
 
 
-def load_sd3_folder(source: str, dtype, skip_encoders: tuple[bool, bool, bool]) -> SD3Models:
-    """Transformer, VAE, tokenizers and (unless skipped) text encoders of a diffusers SD3 folder."""
+def load_sd3_folder(source: str, dtype, skip_encoders: tuple[bool, bool, bool], with_vae: bool = True) -> SD3Models:
+    """Transformer, VAE (unless with_vae is False), tokenizers and (unless skipped) text encoders of a
+    diffusers SD3 folder."""
     import json
 
     import torch
@@ -350,7 +351,7 @@ def load_sd3_folder(source: str, dtype, skip_encoders: tuple[bool, bool, bool]) 
     common = {"local_files_only": True}
     try:
         transformer = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **common)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common) if with_vae else None
         encoders = [
             None if skip_encoders[0] else CLIPTextModelWithProjection.from_pretrained(
                 source, subfolder="text_encoder", dtype=dtype, **common),
@@ -367,19 +368,21 @@ def load_sd3_folder(source: str, dtype, skip_encoders: tuple[bool, bool, bool]) 
 
 
 def load_sd3_models(source: str, clip_l: Optional[str] = None, clip_g: Optional[str] = None,
-                    t5xxl: Optional[str] = None, t5_tokenizer: Optional[str] = None, dtype=None) -> SD3Models:
-    """An SAI single file or a diffusers folder; --clip_l/--clip_g/--t5xxl files replace its encoders."""
+                    t5xxl: Optional[str] = None, t5_tokenizer: Optional[str] = None, dtype=None,
+                    with_vae: bool = True) -> SD3Models:
+    """An SAI single file or a diffusers folder; --clip_l/--clip_g/--t5xxl files replace its encoders.
+    with_vae=False reads no VAE: models.vae is None."""
     from library.models.clip_tokenizer import build_clip_tokenizer
     from library.models.t5_tokenizer import load_t5_tokenizer
 
     files = {"clip_l": clip_l, "clip_g": clip_g, "t5xxl": t5xxl}
     if os.path.isfile(source):
-        models = load_sd3_single_file(source, dtype)
-        if models.vae is None:
+        models = load_sd3_single_file(source, dtype, with_vae)
+        if with_vae and models.vae is None:
             raise UserError(f"{source} holds no VAE (first_stage_model.*); use a full SAI SD3 checkpoint")
         folder = None
     elif os.path.isdir(source):
-        models = load_sd3_folder(source, dtype, tuple(bool(files[k]) for k in TEXT_ENCODER_KEYS))
+        models = load_sd3_folder(source, dtype, tuple(bool(files[k]) for k in TEXT_ENCODER_KEYS), with_vae)
         folder = source
     else:
         raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder (SD3 loads from an SAI "

@@ -246,9 +246,13 @@ def load_vae(source: str):
         raise UserError(f"--vae {source}: not a local file or folder, and the hub download failed ({e})") from e
 
 
-def load_sd_models(source: str, vae_source: Optional[str] = None, full_finetune: bool = False) -> SDModels:
-    """Everything --pretrained_model_name_or_path (and --vae) can point at; user mistakes -> UserError."""
-    load_own_vae = vae_source is None
+def load_sd_models(
+    source: str, vae_source: Optional[str] = None, full_finetune: bool = False, with_vae: bool = True
+) -> SDModels:
+    """Everything --pretrained_model_name_or_path (and --vae) can point at; user mistakes -> UserError.
+
+    with_vae=False reads no VAE (models.vae is None): the latents all come from cache files."""
+    load_own_vae = with_vae and vae_source is None
     if os.path.isdir(source):
         models = load_sd_diffusers_folder(source, load_own_vae, full_finetune)
     elif os.path.isfile(source):
@@ -259,7 +263,7 @@ def load_sd_models(source: str, vae_source: Optional[str] = None, full_finetune:
         raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder")
     else:
         models = load_sd_from_hub(source, load_own_vae)
-    if vae_source is not None:
+    if with_vae and vae_source is not None:
         models.vae = load_vae(vae_source)
     return models
 

@@ -201,9 +201,13 @@ def load_sdxl_vae_only(source: str):
     return _load_sgm_vae(state, sgm.split_sgm_state_dict(state)["vae"], source)
 
 
-def load_sdxl_models(source: str, vae_source: Optional[str] = None, full_finetune: bool = False) -> SDXLModels:
-    """Everything --pretrained_model_name_or_path (and --vae) can point at; user mistakes -> UserError."""
-    load_own_vae = vae_source is None
+def load_sdxl_models(
+    source: str, vae_source: Optional[str] = None, full_finetune: bool = False, with_vae: bool = True
+) -> SDXLModels:
+    """Everything --pretrained_model_name_or_path (and --vae) can point at; user mistakes -> UserError.
+
+    with_vae=False reads no VAE (models.vae is None): the latents all come from cache files."""
+    load_own_vae = with_vae and vae_source is None
     if os.path.isdir(source):
         models = load_sdxl_diffusers_folder(source, load_own_vae, full_finetune)
     elif os.path.isfile(source):
@@ -214,7 +218,7 @@ def load_sdxl_models(source: str, vae_source: Optional[str] = None, full_finetun
         raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder")
     else:
         models = load_sdxl_from_hub(source, load_own_vae)
-    if vae_source is not None:
+    if with_vae and vae_source is not None:
         models.vae = load_sdxl_vae(vae_source)
     return models
 

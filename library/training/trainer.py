@@ -89,8 +89,8 @@ class Trainer:
 
     def _cache_latents(self, dataset, strategy, components, accelerator) -> None:
         args = self.args
-        if not (args.cache_latents or args.cache_latents_to_disk):
-            return
+        if not (args.cache_latents or args.cache_latents_to_disk) or components.vae is None:
+            return  # without a VAE, _needs_vae already pointed every entry at its cache file
         from library.data.latent_cache import cache_dataset_latents
 
         components.vae.eval()
@@ -101,6 +101,21 @@ class Trainer:
                 skip_cache_check=args.skip_cache_check, cache_dir=args.latents_cache_dir,
             )
         logger.info("latent cache: %d encoded, %d reused", counts.encoded, counts.reused)
+
+    def _needs_vae(self, strategy, datasets) -> bool:
+        """False only when nothing will encode or decode images: every latent of every dataset is in a
+        valid cache file (the entries then point at them), no samples are drawn and no full model
+        (which includes the VAE) is saved."""
+        from library.data.latent_cache import use_existing_cache_files
+        from library.training.modes import FullFineTuneMode
+
+        args = self.args
+        if not args.cache_latents_to_disk or getattr(args, "sample_prompts", None) or isinstance(self.mode, FullFineTuneMode):
+            return True
+        return not all(
+            use_existing_cache_files(part, strategy, cache_dir=args.latents_cache_dir, skip_cache_check=args.skip_cache_check)
+            for part in datasets if part is not None
+        )
 
     def _cache_text_encoder_outputs(self, dataset, components, device) -> None:
         args = self.args
@@ -142,11 +157,14 @@ class Trainer:
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         dataset.max_train_steps = max_steps
 
-        components = self.family.load(args)
+        latents_strategy = self.family.latents_caching_strategy(args)
+        needs_vae = self._needs_vae(latents_strategy, (dataset, validation_dataset))
+        if not needs_vae:
+            logger.info("all latents cached: the VAE is not loaded")
+        components = self.family.load(args, with_vae=needs_vae)
         weight_dtype = torch_dtype(args.mixed_precision)
         param_groups = self.mode.prepare(components)
         self._place_components(components, accelerator.device, weight_dtype)
-        latents_strategy = self.family.latents_caching_strategy(args)
         for part in (dataset, validation_dataset):
             if part is not None:
                 self._cache_latents(part, latents_strategy, components, accelerator)

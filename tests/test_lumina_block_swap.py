@@ -1,0 +1,122 @@
+"""Block swapping on a tiny Lumina 2 transformer (6 main `layers`, the family's swapped list; the refiners
+stay on the device), on CPU through a host backend whose evicted weights are NaN: every layer is resident
+when it runs (forward, backward and checkpoint recomputation), never more than the budget is resident, the
+loss and LoRA gradients (and the base gradients of a full fine-tune) equal those without swapping, a
+forward-only schedule for sampling, and the --blocks_to_swap limit."""
+
+import pytest
+import torch
+from diffusers import Lumina2Transformer2DModel
+
+from block_swap_checks import PoisonBackend, one_thread, replay_events  # noqa: F401 (autouse fixture)
+from library.errors import UserError
+from library.families.base import ModelComponents
+from library.families.lumina import LuminaFamily, enable_block_swap
+from library.models.tiny_lumina import tiny_gemma2, tiny_lumina_transformer
+from networks.lora import create_network
+
+NUM_BLOCKS, SWAPPED = 6, 4
+BUDGET = NUM_BLOCKS - SWAPPED
+
+
+def transformer_with_layers():
+    base = tiny_lumina_transformer()
+    torch.manual_seed(0)
+    model = Lumina2Transformer2DModel.from_config({**base.config, "num_layers": NUM_BLOCKS})
+    with torch.no_grad():  # as tiny_lumina_transformer: no zero-initialised modulation or output
+        for param in model.parameters():
+            if param.abs().sum() == 0:
+                param.normal_(0, 0.02)
+    return model
+
+
+def lora_model(checkpointing: bool):
+    transformer = transformer_with_layers()
+    transformer.requires_grad_(False)
+    parts = ModelComponents(denoiser=transformer, vae=None, text_encoders=[tiny_gemma2()], tokenizers=[None],
+                            noise_scheduler=None)
+    network = create_network(LuminaFamily().lora_targets(parts), network_dim=4, network_alpha=4,
+                             train_text_encoder=False)
+    torch.manual_seed(1)
+    for module in network.modules_by_name.values():
+        torch.nn.init.normal_(module.lora_up.weight, std=0.05)
+    network.apply_to()
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    return transformer, network
+
+
+def inputs(batch: int = 2) -> dict:
+    torch.manual_seed(3)
+    mask = torch.ones(batch, 8, dtype=torch.long)
+    mask[-1, 5:] = 0  # captions of different lengths
+    return dict(hidden_states=torch.randn(batch, 16, 8, 8), timestep=torch.tensor([0.3, 0.8][:batch]),
+                encoder_hidden_states=torch.randn(batch, 8, 32), encoder_attention_mask=mask, return_dict=False)
+
+
+def step(transformer, trained):
+    trained.zero_grad(set_to_none=True)
+    loss = transformer(**inputs())[0].square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trained.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(grads, reference_grads, expected_count):
+    assert grads.keys() == reference_grads.keys() and len(grads) == expected_count
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_step_with_swapped_layers_matches(checkpointing):
+    reference_model, reference_network = lora_model(checkpointing)
+    transformer, network = lora_model(checkpointing)
+    reference_loss, reference_grads = step(reference_model, reference_network)
+    swapper = enable_block_swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
+    assert swapper.resident_blocks(0) == [0, 1]
+    assert all(torch.isnan(p).all() for p in transformer.layers[NUM_BLOCKS - 1].parameters())  # poisoned
+    for _ in range(2):
+        loss, grads = step(transformer, network)
+        assert torch.equal(loss, reference_loss)
+        assert_same_grads(grads, reference_grads, 2 * len(network.modules_by_name))
+    assert swapper.unscheduled_loads == 0
+    assert swapper.resident_blocks(0) == [0, 1]
+    counts = replay_events(swapper.events, "layers", NUM_BLOCKS, BUDGET)
+    assert counts["forward"] == 2 * NUM_BLOCKS
+    assert counts["backward"] == (2 * NUM_BLOCKS if checkpointing else 0)  # recomputations
+    # initial residents, then per step: SWAPPED loads in forward and NUM_BLOCKS - BUDGET in backward
+    assert counts["load"] == BUDGET + 2 * (SWAPPED + SWAPPED)
+
+
+def test_full_fine_tune_gradients_match():
+    reference = transformer_with_layers().train()
+    transformer = transformer_with_layers().train()
+    reference_loss, reference_grads = step(reference, reference)
+    swapper = enable_block_swap(transformer, SWAPPED, PoisonBackend(), trains_weights=True, record_events=True)
+    loss, grads = step(transformer, transformer)
+    assert torch.equal(loss, reference_loss)
+    assert_same_grads(grads, reference_grads, len(list(reference.parameters())))
+    replay_events(swapper.events, "layers", NUM_BLOCKS, BUDGET)
+    assert swapper.unscheduled_loads == 0
+
+
+def test_sampling_uses_the_forward_only_schedule():
+    reference, _ = lora_model(False)
+    transformer, _ = lora_model(False)
+    swapper = enable_block_swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(transformer(**inputs(1))[0], reference(**inputs(1))[0])
+    counts = replay_events(swapper.events, "layers", NUM_BLOCKS, BUDGET)
+    assert counts["load"] == BUDGET + 2 * NUM_BLOCKS  # initial residents, then each layer once per forward
+    assert counts["forward"] == 2 * NUM_BLOCKS and swapper.unscheduled_loads == 0
+    assert swapper.resident_blocks(0) == [0, 1]
+
+
+def test_blocks_to_swap_limit():
+    with pytest.raises(UserError, match="at most 0 of the 2 can be swapped"):
+        enable_block_swap(tiny_lumina_transformer(), 1, PoisonBackend())
+    with pytest.raises(UserError, match="5 Lumina 2 layers requested, but at most 4 of the 6"):
+        enable_block_swap(transformer_with_layers(), 5, PoisonBackend())
