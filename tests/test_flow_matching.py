@@ -9,6 +9,8 @@ import torch
 
 from library.errors import UserError
 from library.training.flow_matching import (
+    FLUX_OBJECTIVE,
+    LUMINA_OBJECTIVE,
     FlowMatchingNoiseScheme,
     FlowMatchingOptions,
     add_flow_matching_arguments,
@@ -89,12 +91,15 @@ def test_noisy_input_target_and_model_timesteps():
     assert torch.equal(noisy[0], 0.75 * latents[0] + 0.25 * noise[0])
     assert torch.equal(s.target(latents, noise, t), noise - latents)
     assert torch.equal(s.model_timesteps(t), t)  # FLUX: diffusers multiplies by 1000 inside
-    lumina = FlowMatchingNoiseScheme(reverse_model_timesteps=True)
+    lumina = FlowMatchingNoiseScheme(reverse_model_timesteps=True, output_sign=-1.0)
     assert torch.equal(lumina.model_timesteps(t), 1 - t)
-    torch.testing.assert_close(lumina.sigmas_from_model_timesteps(lumina.model_timesteps(t)), t, rtol=0, atol=1e-7)
-    prediction = torch.randn(2, 4, 8, 8)  # sigma_scaled by default: noisy - sigma * prediction, sigma recovered
-    torch.testing.assert_close(lumina.prediction_for_loss(prediction, noisy, lumina.model_timesteps(t)),
-                               noisy - t.view(2, 1, 1, 1) * prediction, rtol=0, atol=1e-6)
+    assert torch.equal(lumina.target(latents, noise, t), latents - noise)  # Lumina's velocity, as sd-scripts
+    output = torch.randn(2, 4, 8, 8)
+    assert torch.equal(lumina.prediction_for_loss(output, noisy, t), output)
+    scaled = FlowMatchingNoiseScheme(FlowMatchingOptions(model_prediction_type="sigma_scaled"), output_sign=-1.0)
+    torch.testing.assert_close(scaled.prediction_for_loss(output, noisy, t), noisy + t.view(2, 1, 1, 1) * output,
+                               rtol=0, atol=1e-6)
+    assert torch.equal(scaled.target(latents, noise, t), latents)
     assert torch.equal(FlowMatchingNoiseScheme(model_timestep_scale=1000.0).model_timesteps(t), t * 1000)
 
 
@@ -111,16 +116,18 @@ def test_model_prediction_types():
     assert torch.equal(apply_model_prediction_type("raw", prediction, noisy, sigmas), prediction)
     assert torch.equal(apply_model_prediction_type("additive", prediction, noisy, sigmas), prediction + noisy)
     scaled = apply_model_prediction_type("sigma_scaled", prediction, noisy, sigmas)
-    assert torch.equal(scaled[1], prediction[1] * -0.7 + noisy[1])
+    assert torch.equal(scaled[1], noisy[1] - 0.7 * prediction[1])
+    assert torch.equal(scheme(model_prediction_type="sigma_scaled").target(noisy, prediction, sigmas), noisy)
 
 
 def test_loss_weights_only_with_sigma_scaled():
     t = torch.tensor([0.2, 0.5, 0.8])
     assert torch.equal(scheme(model_prediction_type="raw").loss_weights(t), torch.ones(3))
-    torch.testing.assert_close(scheme(weighting_scheme="sigma_sqrt").loss_weights(t), t ** -2.0)
+    scaled = {"model_prediction_type": "sigma_scaled"}
+    torch.testing.assert_close(scheme(weighting_scheme="sigma_sqrt", **scaled).loss_weights(t), t ** -2.0)
     cosmap = 2 / (math.pi * (1 - 2 * t + 2 * t ** 2))
-    torch.testing.assert_close(scheme(weighting_scheme="cosmap").loss_weights(t), cosmap)
-    assert torch.equal(scheme(weighting_scheme="logit_normal").loss_weights(t), torch.ones(3))
+    torch.testing.assert_close(scheme(weighting_scheme="cosmap", **scaled).loss_weights(t), cosmap)
+    assert torch.equal(scheme(weighting_scheme="logit_normal", **scaled).loss_weights(t), torch.ones(3))
 
 
 def test_huber_thresholds():
@@ -133,22 +140,54 @@ def test_huber_thresholds():
 
 def parse(*argv):
     parser = argparse.ArgumentParser()
-    add_flow_matching_arguments(parser)
+    add_flow_matching_arguments(parser, FLUX_OBJECTIVE)
     return parser.parse_args(list(argv))
 
 
-def test_defaults_are_sd_scripts_and_explicit_defaults_are_accepted():
-    assert FlowMatchingOptions.from_args(parse()) == FlowMatchingOptions(
+def options(*argv, defaults=FLUX_OBJECTIVE):
+    return FlowMatchingOptions.from_args(parse(*argv), defaults)
+
+
+def test_family_defaults_and_explicit_defaults_are_accepted():
+    assert options() == FlowMatchingOptions(
         timestep_sampling="sigma", sigmoid_scale=1.0, discrete_flow_shift=3.0, weighting_scheme="uniform",
-        logit_mean=0.0, logit_std=1.0, mode_scale=1.29, model_prediction_type="sigma_scaled")
-    FlowMatchingOptions.from_args(parse("--timestep_sampling", "uniform", "--sigmoid_scale", "1.0", "--logit_mean", "0"))
+        logit_mean=0.0, logit_std=1.0, mode_scale=1.29, model_prediction_type="raw")
+    lumina = options(defaults=LUMINA_OBJECTIVE)
+    assert (lumina.timestep_sampling, lumina.discrete_flow_shift, lumina.model_prediction_type) == ("shift", 6.0, "raw")
+    options("--timestep_sampling", "uniform", "--sigmoid_scale", "1.0", "--logit_mean", "0")
+    # the family's default shift is no error where shift has no effect; another value is
+    options("--timestep_sampling", "uniform", "--discrete_flow_shift", "6", defaults=LUMINA_OBJECTIVE)
+    with pytest.raises(UserError, match="--discrete_flow_shift 3.0 has no effect"):
+        options("--timestep_sampling", "uniform", "--discrete_flow_shift", "3", defaults=LUMINA_OBJECTIVE)
+
+
+def test_timestep_range_squeezes_every_sampling():
+    """sd-scripts' SD3 rule, u * (max - min) + min in thousandths, for every flow-matching sampling."""
+    for sampling in ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "nextdit_shift"):
+        free = sample(scheme(timestep_sampling=sampling))
+        squeezed = sample(scheme(timestep_sampling=sampling, min_timestep=200, max_timestep=700))
+        torch.testing.assert_close(squeezed, 0.2 + 0.5 * free, rtol=0, atol=1e-6)
+    assert options("--min_timestep", "100", "--max_timestep", "900").sigma_range == (0.1, 0.9)
+    with pytest.raises(UserError, match="--min_timestep 800 is above --max_timestep 300"):
+        options("--min_timestep", "800", "--max_timestep", "300")
+    with pytest.raises(UserError, match="--max_timestep 1200: flow-matching timesteps are thousandths"):
+        options("--max_timestep", "1200")
+
+
+def test_nextdit_shift_is_the_flux_shift_in_reversed_time():
+    """sd-scripts' lumina_train_util time_shift: t -> 1 - e^mu / (e^mu + 1 / (1 - t) - 1)."""
+    t = torch.sigmoid(draws())
+    expected = 1 - math.exp(0.63) / (math.exp(0.63) + 1 / (1 - t) - 1)
+    got = sample(scheme(timestep_sampling="nextdit_shift"), latent_shape=(B, 16, 64, 64))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert (got <= t + 1e-7).all()  # reversed: the shift moves sigma toward the clean end
 
 
 @pytest.mark.parametrize("argv,message", [
     (("--timestep_sampling", "uniform", "--sigmoid_scale", "2"), "--sigmoid_scale 2.0 has no effect"),
     (("--timestep_sampling", "sigmoid", "--discrete_flow_shift", "3.1582"), "--discrete_flow_shift 3.1582 has no effect"),
     (("--timestep_sampling", "shift", "--weighting_scheme", "logit_normal"), "logit_normal shapes the timestep density"),
-    (("--model_prediction_type", "raw", "--weighting_scheme", "cosmap"), "cosmap weights the loss"),
+    (("--weighting_scheme", "cosmap"), "cosmap weights the loss"),
     (("--logit_std", "2"), "--logit_std 2.0 has no effect"),
     (("--weighting_scheme", "logit_normal", "--mode_scale", "1.0"), "needs --weighting_scheme mode"),
     (("--huber_c", "0.2",), "only affects --loss_type huber"),
@@ -156,16 +195,16 @@ def test_defaults_are_sd_scripts_and_explicit_defaults_are_accepted():
 ])
 def test_ineffective_or_contradictory_flags_are_rejected(argv, message):
     with pytest.raises(UserError, match=message):
-        FlowMatchingOptions.from_args(parse(*argv))
+        options(*argv)
 
 
 @pytest.mark.parametrize("flag", ["--min_snr_gamma 5", "--v_parameterization", "--noise_offset 0.1",
-                                  "--debiased_estimation_loss", "--zero_terminal_snr", "--max_timestep 900"])
+                                  "--debiased_estimation_loss", "--zero_terminal_snr", "--multires_noise_iterations 6"])
 def test_ddpm_flags_are_rejected_by_name(flag):
     args = parse(*flag.split())
     with pytest.raises(UserError, match=f"{flag.split()[0]} belongs to DDPM training"):
         reject_ddpm_flags(args, "FLUX.1")
     parser = argparse.ArgumentParser()
-    add_flow_matching_arguments(parser)
+    add_flow_matching_arguments(parser, FLUX_OBJECTIVE)
     assert flag.split()[0] not in parser.format_help()  # accepted (sd-scripts configs), but hidden
     reject_ddpm_flags(parse(), "FLUX.1")  # not given: fine

@@ -86,7 +86,8 @@ def test_per_encoder_dropout_zeroes_whole_encoders_reproducibly():
 def test_sd3_timesteps_follow_sd_scripts():
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    scheme = SD3NoiseScheme(FlowMatchingOptions(weighting_scheme="logit_normal"), training_shift=3.0)
+    scheme = SD3NoiseScheme(FlowMatchingOptions(weighting_scheme="logit_normal", model_prediction_type="sigma_scaled"),
+                            training_shift=3.0)
     sigmas = scheme.sample_timesteps(64, "cpu", torch.Generator().manual_seed(1))
     u = compute_density_for_timestep_sampling("logit_normal", 64, 0.0, 1.0, generator=torch.Generator().manual_seed(1))
     expected = ((u * 3.0) / (1 + 2.0 * u) * 1000).long().float() / 1000
@@ -94,3 +95,8 @@ def test_sd3_timesteps_follow_sd_scripts():
     assert torch.equal(scheme.model_timesteps(sigmas), sigmas * 1000)
     latents, noise = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
     assert torch.equal(scheme.target(latents, noise, sigmas[:2]), latents)
+    # --min_timestep/--max_timestep as sd-scripts' SD3: floor(u' * (max - min) + min) / 1000
+    ranged = SD3NoiseScheme(FlowMatchingOptions(weighting_scheme="logit_normal", model_prediction_type="sigma_scaled",
+                                                min_timestep=100, max_timestep=600), training_shift=3.0)
+    expected = ((u * 3.0) / (1 + 2.0 * u) * 500 + 100).long().float() / 1000
+    assert torch.equal(ranged.sample_timesteps(64, "cpu", torch.Generator().manual_seed(1)), expected)

@@ -141,12 +141,18 @@ class ModelFamily(ABC):
     def noise_scheme(self, args, components: ModelComponents):
         """The library.training.noise.NoiseScheme that samples timesteps/noise and gives targets."""
 
+    def objective_metadata(self) -> dict[str, str]:
+        """sd-scripts' ss_* keys for this family's objective settings (flow matching: timestep sampling,
+        prediction type, ...), after validate_args; written into every saved file."""
+        return {}
+
     @abstractmethod
     def predict(
         self, components: ModelComponents, noisy_latents: "torch.Tensor", timesteps: "torch.Tensor",
         conditioning: "Conditioning", batch: dict,
     ) -> "torch.Tensor":
-        """Call the denoiser; returns a prediction with the shape of noisy_latents."""
+        """Call the denoiser; returns its output with the shape of noisy_latents (the noise scheme's
+        prediction_for_loss turns it into what the loss compares with the target)."""
 
     @abstractmethod
     def lora_targets(self, components: ModelComponents) -> list[LoraTarget]:

@@ -9,7 +9,7 @@ encoders are not cast), --blocks_to_swap (library/offload.py, sd-scripts' split:
 2 x the rest single blocks), and the flow-matching flags (library/training/flow_matching.py) instead
 of DDPM's. --t5_tokenizer is ours: where the T5 vocabulary comes from offline.
 `predict` packs latents 2x2 into tokens, builds image/text position ids and the guidance input (dev),
-unpacks the prediction and applies --model_prediction_type. LoRA modules are named as in BFL files
+and unpacks the output (the velocity noise - latents; the noise scheme applies --model_prediction_type). LoRA modules are named as in BFL files
 (`lora_unet_double_blocks_0_img_attn_qkv`, ...): BFL's fused linears are one LoRA module over
 diffusers' separate q/k/v (networks/lora_fused.py). Family --network_args: train_blocks, train_t5xxl,
 img_attn_dim ... single_mod_dim, train_double_block_indices, train_single_block_indices (sd-scripts).
@@ -223,15 +223,15 @@ class FluxFamily(ModelFamily):
                                 "diffusers (PEFT keys)")
 
     def add_noise_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from library.training.flow_matching import add_flow_matching_arguments
+        from library.training.flow_matching import FLUX_OBJECTIVE, add_flow_matching_arguments
 
-        add_flow_matching_arguments(parser)
+        add_flow_matching_arguments(parser, FLUX_OBJECTIVE)
 
     def validate_args(self, args: argparse.Namespace) -> None:
-        from library.training.flow_matching import FlowMatchingOptions, reject_ddpm_flags
+        from library.training.flow_matching import FLUX_OBJECTIVE, FlowMatchingOptions, reject_ddpm_flags
 
         reject_ddpm_flags(args, self.display_name)
-        self.flow_options = FlowMatchingOptions.from_args(args)
+        self.flow_options = FlowMatchingOptions.from_args(args, FLUX_OBJECTIVE)
         self.apply_t5_attn_mask = bool(args.apply_t5_attn_mask)
         self.guidance_scale = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
         self.save_lora_format = args.save_lora_format
@@ -337,14 +337,19 @@ class FluxFamily(ModelFamily):
     # ---- training -----------------------------------------------------------------------------------
 
     def noise_scheme(self, args, components: ModelComponents):
-        from library.training.flow_matching import FlowMatchingNoiseScheme
+        from library.training.flow_matching import FLUX_OBJECTIVE, FlowMatchingNoiseScheme, FlowMatchingOptions
 
-        return FlowMatchingNoiseScheme.from_args(args)  # FLUX takes sigma; diffusers scales it by 1000 inside
+        # FLUX takes sigma (diffusers scales it by 1000 inside) and predicts the velocity noise - latents
+        return FlowMatchingNoiseScheme(self.flow_options or FlowMatchingOptions.from_args(args, FLUX_OBJECTIVE))
+
+    def objective_metadata(self) -> dict[str, str]:
+        metadata = {**self.flow_options.metadata(), "ss_apply_t5_attn_mask": str(self.apply_t5_attn_mask)}
+        if not self.is_schnell:
+            metadata["ss_guidance_scale"] = str(self.guidance_scale)
+        return metadata
 
     def predict(self, components: ModelComponents, noisy_latents, timesteps, conditioning, batch: dict):
         import torch
-
-        from library.training.flow_matching import apply_model_prediction_type
 
         transformer = components.denoiser
         batch_size, _, height, width = noisy_latents.shape
@@ -363,9 +368,7 @@ class FluxFamily(ModelFamily):
             txt_ids=torch.zeros(t5_states.shape[1], 3, device=device, dtype=dtype), guidance=guidance,
             joint_attention_kwargs=attention, return_dict=False,
         )[0]
-        prediction = unpack_latents(output, height, width)
-        kind = self.flow_options.model_prediction_type if self.flow_options else "raw"
-        return apply_model_prediction_type(kind, prediction, noisy_latents, timesteps)
+        return unpack_latents(output, height, width)
 
     # ---- LoRA ---------------------------------------------------------------------------------------
 

@@ -3,12 +3,14 @@ transformer call, LoRA targets in the original names, and block swapping.
 
 Flags keep sd-scripts' lumina_train_network.py names: --gemma2/--ae (single files), --gemma2_max_token_length
 (default 256), --system_prompt (default: the prompt diffusers' Lumina2Pipeline uses; "" turns the
-prefix off), --discrete_flow_shift (default 6.0 here), --blocks_to_swap (library/offload.py over the
-main `layers`, as sd-scripts swaps them) and the shared flow-matching flags. --gemma2_tokenizer is ours:
+prefix off), --blocks_to_swap (library/offload.py over the
+main `layers`, as sd-scripts swaps them) and the shared flow-matching flags with sd-scripts' Lumina
+defaults (`LUMINA_OBJECTIVE`: --timestep_sampling shift, --discrete_flow_shift 6.0, --model_prediction_type
+raw). --gemma2_tokenizer is ours:
 where the Gemma vocabulary comes from offline.
 Time runs the other way than FLUX: Lumina takes t = 1 - sigma (1 = clean image) and predicts
-latents - noise, so `predict` negates its output (as Lumina2Pipeline does before the Euler step) to
-compare it with the shared target noise - latents.
+latents - noise: its noise scheme has output_sign -1, so raw and additive compare the output with
+latents - noise (as sd-scripts does) and sigma_scaled takes noisy + sigma * output as the x0 estimate.
 LoRA modules are named as sd-scripts' networks/lora_lumina.py writes them: `lora_unet_` + the original
 module path (`layers_0_attention_qkv` fused over diffusers' to_q/to_k/to_v, `_attention_out`,
 `_feed_forward_w1/w2/w3`, `_adaLN_modulation_1`, refiners alike) and `lora_te_` + Gemma-2 paths.
@@ -36,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 BLOCK = "Lumina2TransformerBlock"
 GEMMA_CONTAINERS = ("Gemma2Attention", "Gemma2MLP")
-DEFAULT_DISCRETE_FLOW_SHIFT = 6.0
 QKV_MEMBERS = ("attn.to_q", "attn.to_k", "attn.to_v")
 # the released Lumina-Image-2.0 (for converting LoRA files without a model)
 RELEASED_SIZES = {"layers": 26, "noise_refiner": 2, "context_refiner": 2}
@@ -69,7 +70,7 @@ class LuminaFamily(ModelFamily):
         self.encoder_fingerprint = ""
         self.block_swapper = None
         self.save_lora_format = "kohya"
-        self._noise_scheme = None
+        self.flow_options = None
 
     # ---- arguments ----------------------------------------------------------------------------------
 
@@ -94,17 +95,15 @@ class LuminaFamily(ModelFamily):
                                 "what diffusers' Lumina2Pipeline loads)")
 
     def add_noise_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from library.training.flow_matching import add_flow_matching_arguments
+        from library.training.flow_matching import LUMINA_OBJECTIVE, add_flow_matching_arguments
 
-        add_flow_matching_arguments(parser)
+        add_flow_matching_arguments(parser, LUMINA_OBJECTIVE)
 
     def validate_args(self, args: argparse.Namespace) -> None:
-        from library.training.flow_matching import FlowMatchingOptions, reject_ddpm_flags
+        from library.training.flow_matching import LUMINA_OBJECTIVE, FlowMatchingOptions, reject_ddpm_flags
 
         reject_ddpm_flags(args, self.display_name)
-        if args.discrete_flow_shift is None and args.timestep_sampling in ("shift", "sigma"):
-            args.discrete_flow_shift = DEFAULT_DISCRETE_FLOW_SHIFT  # Lumina's default, where the flag has an effect
-        FlowMatchingOptions.from_args(args)
+        self.flow_options = FlowMatchingOptions.from_args(args, LUMINA_OBJECTIVE)
         if args.gemma2_max_token_length is not None and args.gemma2_max_token_length < 1:
             raise UserError(f"--gemma2_max_token_length must be at least 1 (got {args.gemma2_max_token_length})")
         if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
@@ -187,24 +186,25 @@ class LuminaFamily(ModelFamily):
     # ---- training -----------------------------------------------------------------------------------
 
     def noise_scheme(self, args, components: ModelComponents):
-        from library.training.flow_matching import FlowMatchingNoiseScheme
+        from library.training.flow_matching import LUMINA_OBJECTIVE, FlowMatchingNoiseScheme, FlowMatchingOptions
 
-        self._noise_scheme = FlowMatchingNoiseScheme.from_args(args, reverse_model_timesteps=True)
-        return self._noise_scheme
+        # Lumina 2 counts time from noise (0) to image (1) and predicts the velocity latents - noise
+        options = self.flow_options or FlowMatchingOptions.from_args(args, LUMINA_OBJECTIVE)
+        return FlowMatchingNoiseScheme(options, reverse_model_timesteps=True, output_sign=-1.0)
+
+    def objective_metadata(self) -> dict[str, str]:
+        return self.flow_options.metadata()
 
     def predict(self, components: ModelComponents, noisy_latents, timesteps, conditioning, batch: dict):
-        """`timesteps` are Lumina's (1 - sigma); the output is turned into the flow noise - latents."""
+        """`timesteps` are Lumina's (1 - sigma); the output is Lumina's velocity latents - noise."""
         dtype, device = noisy_latents.dtype, noisy_latents.device
-        output = components.denoiser(
+        return components.denoiser(
             hidden_states=noisy_latents, timestep=timesteps.to(dtype),
             encoder_hidden_states=conditioning["gemma2_hidden_states"].to(device, dtype),
             # cached masks come back as floats; Lumina counts the valid tokens of each caption from them
             encoder_attention_mask=conditioning["gemma2_attention_mask"].to(device).round().long(),
             return_dict=False,
         )[0]
-        if self._noise_scheme is None:
-            return -output
-        return self._noise_scheme.prediction_for_loss(-output, noisy_latents, timesteps)
 
     # ---- LoRA ---------------------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ encoders of the checkpoint), --t5xxl_max_token_length (default 256), --apply_lg_
 --apply_t5_attn_mask, --clip_l_dropout_rate/--clip_g_dropout_rate/--t5_dropout_rate (also on cached
 outputs, library/families/sd3_text.py), --blocks_to_swap (library/offload.py, one list of joint blocks,
 at least two stay on the GPU), --weighting_scheme/--logit_mean/--logit_std/--mode_scale and
---training_shift. The objective (sd-scripts' sd3_train_utils): u from diffusers'
-`compute_density_for_timestep_sampling`, shifted u' = s*u / (1 + (s-1)*u), timestep = floor(1000*u'),
-sigma = timestep / 1000; the MMDiT gets the timestep, its output is preconditioned as
+--training_shift, --min_timestep/--max_timestep. The objective (sd-scripts' sd3_train_utils): u from
+diffusers' `compute_density_for_timestep_sampling`, shifted u' = s*u / (1 + (s-1)*u), timestep =
+floor(u' * (max - min) + min) (0 and 1000 by default), sigma = timestep / 1000; the MMDiT gets the timestep, its output is preconditioned as
 noisy - sigma * output and compared with the clean latents, loss weighted by
 `compute_loss_weighting_for_sd3`. --t5_tokenizer is ours: where the T5 vocabulary comes from offline.
 LoRA modules are named as sd-scripts' networks/lora_sd3.py names them (library/families/sd3_lora_names.py);
@@ -36,7 +36,13 @@ TIMESTEPS = 1000
 
 
 def add_sd3_noise_arguments(parser: argparse.ArgumentParser) -> None:
-    from library.training.flow_matching import DDPM_ONLY_FLAGS, FLOW_HUBER_SCHEDULES, FLOW_LOSS_TYPES, WEIGHTING_SCHEMES
+    from library.training.flow_matching import (
+        FLOW_HUBER_SCHEDULES,
+        FLOW_LOSS_TYPES,
+        WEIGHTING_SCHEMES,
+        add_hidden_ddpm_flags,
+        add_timestep_range_arguments,
+    )
 
     group = parser.add_argument_group("SD3 flow matching: timesteps and loss")
     group.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default=None,
@@ -48,6 +54,7 @@ def add_sd3_noise_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--training_shift", type=float, default=1.0,
                        help="shift of the timestep distribution, s*u/(1+(s-1)*u): >1 noisier (composition), "
                             "<1 cleaner (details); default 1.0")
+    add_timestep_range_arguments(group)
     group.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise strength")
     group.add_argument("--ip_noise_gamma_random_strength", action="store_true",
                        help="draw the perturbation strength uniformly in [0, ip_noise_gamma) each batch")
@@ -56,16 +63,13 @@ def add_sd3_noise_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Huber threshold over time (huber/smooth_l1 only)")
     group.add_argument("--huber_c", type=float, default=0.1, help="Huber threshold parameter (default 0.1)")
     group.add_argument("--huber_scale", type=float, default=1.0, help="multiplier of the Huber threshold")
-    existing = {action.dest for action in parser._actions}
-    for dest, default in DDPM_ONLY_FLAGS.items():  # accepted for metadata, rejected by validate_args
-        if dest not in existing:
-            kwargs = {"action": "store_true"} if default is False else {"type": float, "default": None}
-            parser.add_argument(f"--{dest}", help=argparse.SUPPRESS, **kwargs)
+    add_hidden_ddpm_flags(parser)
 
 
 class SD3NoiseScheme(FlowMatchingNoiseScheme):
-    """sd-scripts' SD3 objective: shifted, quantized sigmas; target = clean latents (the family's predict
-    preconditions the output as noisy - sigma * output); model timesteps = 1000 * sigma."""
+    """sd-scripts' SD3 objective: shifted sigmas squeezed into --min/--max_timestep and quantized to
+    thousandths; the output preconditioned as noisy - sigma * output is compared with the clean latents
+    (SD3_OBJECTIVE's sigma_scaled); model timesteps = 1000 * sigma."""
 
     def __init__(self, options, training_shift: float):
         super().__init__(options, model_timestep_scale=float(TIMESTEPS))
@@ -80,11 +84,10 @@ class SD3NoiseScheme(FlowMatchingNoiseScheme):
         u = compute_density_for_timestep_sampling(
             weighting_scheme=o.weighting_scheme, batch_size=batch_size, logit_mean=o.logit_mean,
             logit_std=o.logit_std, mode_scale=o.mode_scale, device=generator.device, generator=generator)
-        indices = (shift_sigmas(u.cpu(), self.training_shift) * TIMESTEPS).long().clamp(0, TIMESTEPS - 1)
+        low, high = (round(bound * TIMESTEPS) for bound in o.sigma_range)
+        shifted = shift_sigmas(u.cpu(), self.training_shift)
+        indices = (shifted * (high - low) + low).long().clamp(low, max(high - 1, low))
         return (indices.float() / TIMESTEPS).to(device)
-
-    def target(self, latents, noise, t):
-        return latents
 
 
 def sd3_swap_limit(num_blocks: int) -> int:
@@ -118,6 +121,8 @@ class SD3Family(ModelFamily):
     def __init__(self) -> None:
         self.flow_options = None
         self.dropout_rates = (0.0, 0.0, 0.0)
+        self.training_shift = 1.0
+        self.apply_lg_attn_mask = self.apply_t5_attn_mask = False
         self.save_lora_format = "kohya"
         self.encoders_fingerprint = ""
         self.block_swapper = None
@@ -152,10 +157,10 @@ class SD3Family(ModelFamily):
         add_sd3_noise_arguments(parser)
 
     def validate_args(self, args: argparse.Namespace) -> None:
-        from library.training.flow_matching import FlowMatchingOptions, reject_ddpm_flags
+        from library.training.flow_matching import SD3_OBJECTIVE, FlowMatchingOptions, reject_ddpm_flags
 
         reject_ddpm_flags(args, self.display_name)
-        self.flow_options = FlowMatchingOptions.from_args(args)
+        self.flow_options = FlowMatchingOptions.from_args(args, SD3_OBJECTIVE)
         if args.training_shift <= 0:
             raise UserError(f"--training_shift must be positive (got {args.training_shift})")
         if args.t5xxl_max_token_length < 1:
@@ -164,6 +169,8 @@ class SD3Family(ModelFamily):
             if not 0 <= getattr(args, flag) <= 1:
                 raise UserError(f"--{flag} must be in [0, 1] (got {getattr(args, flag)})")
         self.dropout_rates = tuple(float(getattr(args, flag)) for flag in ENCODER_DROPOUT_FLAGS)
+        self.training_shift = args.training_shift
+        self.apply_lg_attn_mask, self.apply_t5_attn_mask = bool(args.apply_lg_attn_mask), bool(args.apply_t5_attn_mask)
         if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
             raise UserError(f"--blocks_to_swap must be 0 or more (got {args.blocks_to_swap})")
         if args.blocks_to_swap:
@@ -243,12 +250,21 @@ class SD3Family(ModelFamily):
     # ---- training -----------------------------------------------------------------------------------
 
     def noise_scheme(self, args, components: ModelComponents):
-        from library.training.flow_matching import FlowMatchingOptions
+        from library.training.flow_matching import SD3_OBJECTIVE, FlowMatchingOptions
 
-        return SD3NoiseScheme(self.flow_options or FlowMatchingOptions.from_args(args), args.training_shift)
+        return SD3NoiseScheme(self.flow_options or FlowMatchingOptions.from_args(args, SD3_OBJECTIVE),
+                              args.training_shift)
+
+    def objective_metadata(self) -> dict[str, str]:
+        o = self.flow_options
+        metadata = {f"ss_{key}": str(getattr(o, key)) for key in
+                    ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "min_timestep", "max_timestep")}
+        metadata.update(ss_training_shift=str(self.training_shift), ss_apply_lg_attn_mask=str(self.apply_lg_attn_mask),
+                        ss_apply_t5_attn_mask=str(self.apply_t5_attn_mask))
+        return metadata
 
     def predict(self, components: ModelComponents, noisy_latents, timesteps, conditioning, batch: dict):
-        """The MMDiT's output preconditioned as noisy - sigma * output (compared with the clean latents).
+        """The MMDiT's output (the noise scheme preconditions it into the x0 estimate noisy - sigma * output).
         Per-encoder dropout applies to training steps only (validation runs without gradients)."""
         import torch
 
@@ -258,10 +274,8 @@ class SD3Family(ModelFamily):
             conditioning = drop_encoder_outputs(conditioning, self.dropout_rates)
         dtype, device = noisy_latents.dtype, noisy_latents.device
         context, pooled = mmdit_inputs(conditioning, device, dtype)
-        output = components.denoiser(hidden_states=noisy_latents, encoder_hidden_states=context,
-                                     pooled_projections=pooled, timestep=timesteps.to(dtype), return_dict=False)[0]
-        sigmas = (timesteps / TIMESTEPS).to(output.dtype).view(-1, 1, 1, 1)
-        return noisy_latents - sigmas * output
+        return components.denoiser(hidden_states=noisy_latents, encoder_hidden_states=context,
+                                   pooled_projections=pooled, timestep=timesteps.to(dtype), return_dict=False)[0]
 
     # ---- LoRA ---------------------------------------------------------------------------------------
 

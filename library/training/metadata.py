@@ -85,6 +85,7 @@ def training_metadata(args, family, dataset, optimizer_description: str, *, num_
     for name in ("clip_skip", "max_token_length", "v2", "v_parameterization"):
         if hasattr(args, name):
             metadata[f"ss_{name}"] = _text(getattr(args, name))
+    metadata.update(family.objective_metadata())
     return metadata
 
 

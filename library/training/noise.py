@@ -72,7 +72,8 @@ class NoiseScheme(ABC):
     """How one family turns clean latents into a training example and weighs its loss.
 
     The trainer calls, per batch: `sample_noise`, `sample_timesteps`, `add_noise` (the denoiser gets
-    the noisy latents and `model_timesteps(t)`), then compares the prediction with `target` using
+    the noisy latents and `model_timesteps(t)`), turns its output into a prediction with
+    `prediction_for_loss`, then compares that with `target` using
     `huber_c(t)` and multiplies the per-sample loss by `loss_weights(t)`.
     """
 
@@ -104,6 +105,14 @@ class NoiseScheme(ABC):
     @abstractmethod
     def huber_c(self, t: "torch.Tensor") -> Optional["torch.Tensor"]:
         """Per-sample Huber threshold [B] for huber/smooth_l1 losses, None for l1/l2."""
+
+    def prediction_for_loss(self, output: "torch.Tensor", noisy: "torch.Tensor", t: "torch.Tensor") -> "torch.Tensor":
+        """The denoiser's output turned into what `target` is (flow matching's --model_prediction_type)."""
+        return output
+
+    def metadata(self) -> dict[str, str]:
+        """ss_* keys describing this objective for saved files (beyond the trainer's generic ones)."""
+        return {}
 
 
 @dataclass(frozen=True)

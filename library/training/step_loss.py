@@ -3,7 +3,7 @@
 `StepLoss` turns a batch from `TrainDataset.make_batch` into per-sample weighted losses: latents
 (cached or VAE-encoded), conditioning (cached or encoded by the family's strategies), noised inputs
 from the family's noise scheme with one generator per sample (library/training/distributed.py),
-the family's denoiser call, and the loss with the scheme's per-timestep weights. Validation calls
+the family's denoiser call, the scheme's conversion of its output into a prediction, and the loss with the scheme's per-timestep weights. Validation calls
 it with fixed timesteps and its own generators; training runs the denoiser call through the
 prepared `TrainableModules` so DDP averages the gradients.
 
@@ -85,7 +85,7 @@ class StepLoss:
                 return self.family.predict(self.components, noisy.to(self.weight_dtype),
                                            self.noise.model_timesteps(t), conditioning, batch)
 
-        prediction = forward(predict)
+        prediction = self.noise.prediction_for_loss(forward(predict).float(), noisy, t)
         target = self.noise.target(latents, noise, t)
         mask = batch.get("alpha_masks")
         if mask is not None:
