@@ -12,7 +12,7 @@ from library.families.sd_text import (
     SDLatentsCachingStrategy,
     SDTextEncodingStrategy,
     SDTokenizeStrategy,
-    apply_caption_weights,
+    weight_content_positions,
 )
 
 BOS, EOS = 49406, 49407
@@ -233,7 +233,8 @@ def test_clip_skip_2_is_the_penultimate_layer_after_the_final_norm(tokenizer, te
     assert not torch.allclose(states, last)
 
 
-def test_caption_weights_scale_positions_and_keep_the_mean(tokenizer, text_encoder):
+def test_caption_weights_multiply_positions_as_sd_scripts_training(tokenizer, text_encoder):
+    """sd-scripts' training path (and our SDXL): each content state times its weight, no mean restoration."""
     caption = "a (cat:1.5) on a [mat]"
     weighted = SDTokenizeStrategy(tokenizer, 75, weighted=True).tokenize([caption])
     plain = SDTokenizeStrategy(tokenizer, 75).tokenize(["a cat on a mat"])
@@ -243,16 +244,14 @@ def test_caption_weights_scale_positions_and_keep_the_mean(tokenizer, text_encod
         base = encoder.encode([text_encoder], plain)["encoder_hidden_states"]
         out = encoder.encode([text_encoder], weighted)["encoder_hidden_states"]
     weights = weighted[0]["weights"][0, 0]
-    scaled = base * weights[None, :, None]
-    ratio = base.mean() / scaled.mean()
-    torch.testing.assert_close(out, scaled * ratio, rtol=0, atol=1e-6)
-    torch.testing.assert_close(out.mean(), base.mean(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, base * weights[None, :, None], rtol=0, atol=1e-6)
+    assert torch.equal(out[:, 2], base[:, 2] * 1.5) and torch.equal(out[:, 1], base[:, 1])  # only "cat" scaled
     assert weights[2].item() == 1.5 and weights[5].item() == pytest.approx(1 / 1.1)
 
 
 def test_unit_weights_change_nothing():
     states = torch.randn(2, 152, 8)
-    assert torch.allclose(apply_caption_weights(states, torch.ones(2, 152)), states, atol=1e-6)
+    assert torch.equal(weight_content_positions(states, torch.ones(2, 2, 77)), states)
 
 
 # ---- latents and cache identities ----------------------------------------------------------------
@@ -275,5 +274,5 @@ def test_text_encoder_cache_identity():
     family, args = parse("--max_token_length", "225", "--clip_skip", "2", "--weighted_captions")
     assert family.text_encoder_outputs_caching_strategy(args).cache_identity() == {
         "family": "sd", "text_encoder": "clip-l", "model": "x", "max_token_length": "225",
-        "clip_skip": "2", "weighted_captions": "true",
+        "clip_skip": "2", "weighted_captions": "multiply",
     }

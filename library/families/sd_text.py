@@ -8,9 +8,10 @@ with EOS and an empty chunk starts [BOS, EOS]. Encoding runs every chunk through
 hidden states as the first chunk's BOS state, each chunk's 75 content states, and the last chunk's
 final state: 77 / 152 / 227 positions. (sd-scripts has a further SD 2.x special case for empty
 chunks that never triggers, because it compares token ids with a string; we match its real output.)
-`--clip_skip N` takes hidden_states[-N] and applies the final layer norm. Weighted captions scale
-each content position by its weight and then rescale the whole sequence so its mean is unchanged
-(the rule of sd-scripts' get_weighted_text_embeddings, from diffusers' long-prompt-weighting pipeline).
+`--clip_skip N` takes hidden_states[-N] and applies the final layer norm. Weighted captions multiply
+each content position's hidden state by its weight, nothing more: sd-scripts' training rule (its
+strategy_sd encode_tokens_with_weights) and ours for SDXL. The mean restoration of sd-scripts'
+inference helper (get_weighted_text_embeddings) is not applied, see docs/sd.md.
 """
 
 from __future__ import annotations
@@ -127,13 +128,12 @@ def flat_weights(weights: "torch.Tensor") -> "torch.Tensor":
     return torch.cat([ones, weights[:, :, 1:-1].reshape(weights.shape[0], -1), ones], dim=1)
 
 
-def apply_caption_weights(states: "torch.Tensor", weights: "torch.Tensor") -> "torch.Tensor":
-    """Scale each position by its weight, then restore each sample's mean over positions and channels."""
-    weights = weights.to(states.device, states.dtype)
-    previous_mean = states.float().mean(dim=(-2, -1))
-    weighted = states * weights.unsqueeze(-1)
-    current_mean = weighted.float().mean(dim=(-2, -1))
-    return weighted * (previous_mean / current_mean).to(states.dtype)[:, None, None]
+def weight_content_positions(states: "torch.Tensor", chunk_weights: "torch.Tensor") -> "torch.Tensor":
+    """Multiply each content position by its caption weight (BOS/EOS/padding weights are 1);
+    chunk_weights is [B, chunks, 77] or [B, 77]."""
+    chunks = chunk_weights.unsqueeze(1) if chunk_weights.dim() == 2 else chunk_weights
+    weights = flat_weights(chunks).to(states.device, states.dtype)
+    return states * weights.unsqueeze(-1)
 
 
 class SDTextEncodingStrategy(TextEncodingStrategy):
@@ -159,9 +159,7 @@ class SDTextEncodingStrategy(TextEncodingStrategy):
         states = self.hidden_states(text_encoder, input_ids.reshape(-1, input_ids.shape[-1]))
         states = join_chunk_states(states, n_chunks)
         if "weights" in token_dict:
-            weights = token_dict["weights"]
-            weights = weights.unsqueeze(1) if weights.dim() == 2 else weights
-            states = apply_caption_weights(states, flat_weights(weights))
+            states = weight_content_positions(states, token_dict["weights"])
         return {"encoder_hidden_states": states}
 
 
@@ -200,5 +198,6 @@ class SDTextEncoderOutputsCachingStrategy(TextEncoderOutputsCachingStrategy):
         return {
             "family": self.family, "text_encoder": self.text_encoder_name, "model": self.source,
             "max_token_length": str(self.max_token_length), "clip_skip": str(self.clip_skip or 1),
-            "weighted_captions": str(self.weighted).lower(),
+            # "multiply": outputs cached before the weighting rule changed (mean restored) do not match
+            "weighted_captions": "multiply" if self.weighted else "false",
         }

@@ -11,7 +11,7 @@ library/families/sd_text.py); the second pads with "!" (id 0). Chunk states are 
 and the pooled output comes from the first chunk. The conditioning is
 {"encoder_hidden_states": [B, L, 768 + 1280], "text_embeds": [B, 1280]} (widths of the real model).
 Weighted captions multiply each content position of both hidden states by its weight (sd-scripts'
-SDXL rule: no mean restoration, the pooled output unweighted).
+rule, the same as SD 1.x here: no mean restoration, the pooled output unweighted).
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from library.families.sd_text import SDLatentsCachingStrategy, SDTokenizeStrategy, flat_weights, join_chunk_states
+from library.families.sd_text import (
+    SDLatentsCachingStrategy,
+    SDTokenizeStrategy,
+    join_chunk_states,
+    weight_content_positions,
+)
 from library.strategies import (
     Conditioning,
     TextEncoderOutputsCachingStrategy,
@@ -59,12 +64,6 @@ def pooled_at_first_eos(text_encoder_2, last_hidden_state, input_ids) -> "torch.
     pooled = last_hidden_state[rows, eos_index]
     projection = text_encoder_2.text_projection
     return projection(pooled.to(projection.weight.dtype)).to(last_hidden_state.dtype)
-
-
-def weight_content_positions(states: "torch.Tensor", chunk_weights: "torch.Tensor") -> "torch.Tensor":
-    """Multiply each content position by its caption weight (BOS/EOS/padding weights are 1)."""
-    weights = flat_weights(_as_chunks(chunk_weights)).to(states.device, states.dtype)
-    return states * weights.unsqueeze(-1)
 
 
 class SDXLTextEncodingStrategy(TextEncodingStrategy):
