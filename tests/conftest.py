@@ -50,3 +50,17 @@ def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.Comple
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPO_ROOT}
     return subprocess.run([sys.executable, os.path.join(REPO_ROOT, script), *args], capture_output=True,
                           text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+def save_in_hub_cache(cache: str, repo_id: str, save) -> str:
+    """Lay out a snapshot of `repo_id` in a Hugging Face hub cache folder as huggingface_hub writes it
+    (models--org--name/snapshots/<commit>/..., refs/main); `save(folder)` writes the files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", commit)
+    os.makedirs(snapshot, exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+    save(snapshot)
+    return snapshot

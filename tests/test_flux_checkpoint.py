@@ -108,10 +108,11 @@ def test_wrong_and_missing_files(files, tmp_path):
         ckpt.load_flux_transformer(str(tmp_path / "truncated.safetensors"))
 
 
-def test_t5_tokenizer_needs_a_source_offline(monkeypatch):
+def test_t5_tokenizer_needs_a_source_offline(monkeypatch, tmp_path):
     from library.models.t5_tokenizer import load_t5_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
     with pytest.raises(UserError, match="pass --t5_tokenizer"):
         load_t5_tokenizer(None, None)
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import run_script
+from conftest import run_script, save_in_hub_cache
 from library.cli import run_training
 
 BFL_KEY = re.compile(
@@ -107,12 +107,25 @@ def test_diffusers_folder_with_cached_latents_and_text_outputs(tiny_flux, demo_i
     assert assert_diffusers_applies(folder, str(path), tmp_path) == 2 * 10 + 2 * 2
 
 
-def test_bfl_single_files_with_text_encoder_lora(tiny_flux, demo_image_root, tmp_path):
+def test_bfl_single_files_with_text_encoder_lora(tiny_flux, demo_image_root, tmp_path, monkeypatch, capsys):
+    """No --t5_tokenizer: offline, google/t5-v1_1-xxl comes from the user's Hugging Face cache."""
+    from library.models.t5_tokenizer import T5_HUB_ID, load_t5_tokenizer
+    from tools.show_metadata import show_metadata
+
     folder, files = tiny_flux
+    save_in_hub_cache(str(tmp_path / "hf" / "hub"), T5_HUB_ID, load_t5_tokenizer(files["t5_tokenizer"]).save_pretrained)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     model_args = ["--pretrained_model_name_or_path", files["transformer"], "--clip_l", files["clip_l"],
-                  "--t5xxl", files["t5xxl"], "--ae", files["ae"], "--t5_tokenizer", files["t5_tokenizer"]]
+                  "--t5xxl", files["t5xxl"], "--ae", files["ae"]]
     train(model_args, demo_image_root, tmp_path / "out", "--max_train_steps", "2", "--timestep_sampling", "flux_shift",
-          "--weighting_scheme", "none", "--network_args", "train_blocks=double")
+          "--weighting_scheme", "none", "--network_args", "train_blocks=double", "--apply_t5_attn_mask")
+    show_metadata([str(tmp_path / "out" / "out.safetensors")])
+    shown = capsys.readouterr().out
+    for line in ("ss_timestep_sampling: flux_shift", "ss_model_prediction_type: raw", "ss_discrete_flow_shift: 3.0",
+                 "ss_sigmoid_scale: 1.0", "ss_weighting_scheme: none", "ss_guidance_scale: 3.5",
+                 "ss_apply_t5_attn_mask: True", "ss_logit_mean: 0.0", "ss_mode_scale: 1.29"):
+        assert line in shown, line
     tensors = load_file(tmp_path / "out" / "out.safetensors")
     assert all(BFL_KEY.fullmatch(key) for key in tensors)
     assert {k.split("_")[1] for k in tensors} == {"unet", "te1"}

@@ -147,10 +147,11 @@ def argparse_namespace():
     return argparse.Namespace(anything=1)
 
 
-def test_missing_file_and_offline_hub_id(tmp_path):
+def test_missing_file_and_offline_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserError, match="no such file or folder"):
         load_sd_models(str(tmp_path / "nothing.safetensors"))
-    with pytest.raises(UserError, match="not a local file or folder, and the model hub is offline"):
+    with pytest.raises(UserError, match="the model hub is offline .* someone/some-model is not in the Hugging Face cache"):
         load_sd_models("someone/some-model")
 
 

@@ -460,8 +460,11 @@ def _load_pipeline_parts(source: str, dtype, load: tuple[bool, bool, bool]):
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
     from library.models.clip_tokenizer import build_clip_tokenizer
-    from library.models.sd_checkpoint import PIPELINE_FAMILIES, hub_is_offline
+    from library.models.hub_cache import cached_snapshot, hub_is_offline
+    from library.models.sd_checkpoint import PIPELINE_FAMILIES
 
+    if not os.path.isdir(source) and not detect.looks_like_local_path(source) and hub_is_offline():
+        source = cached_snapshot(source, f"FLUX model {source}", "pass local files, or go online once to download it")
     local = os.path.isdir(source)
     if local:
         index = os.path.join(source, "model_index.json")
@@ -474,8 +477,6 @@ def _load_pipeline_parts(source: str, dtype, load: tuple[bool, bool, bool]):
             raise detect.wrong_family_error(source, family)
     elif detect.looks_like_local_path(source):
         raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder")
-    elif hub_is_offline():
-        raise UserError(f"{source} is not a local file or folder, and the model hub is offline (HF_HUB_OFFLINE)")
     dtype = dtype or torch.float32
     common = {"local_files_only": local}
     try:

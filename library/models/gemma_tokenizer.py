@@ -3,7 +3,8 @@
 Like T5 (library/models/t5_tokenizer.py), no PyPI package ships Gemma's vocabulary (FACTS.md), so
 offline users point `--gemma2_tokenizer` at a folder holding `tokenizer.model` or `tokenizer.json`
 (e.g. a diffusers Lumina 2 folder's `tokenizer/`) or at a sentencepiece `.model` file. Without it a
-diffusers folder's own `tokenizer/` is used, else `google/gemma-2-2b` when the hub is online.
+diffusers folder's own `tokenizer/` is used, else `google/gemma-2-2b` (from the Hugging Face cache when
+the hub is offline, library/models/hub_cache.py).
 `train_sentencepiece_gemma_tokenizer` trains a small sentencepiece model in Gemma's conventions
 (pad 0, eos 1, bos 2, unk 3; a BOS is prepended) for tests and the tiny built-in Lumina 2.
 """
@@ -69,12 +70,13 @@ def load_gemma_tokenizer(path: Optional[str] = None, model_folder: Optional[str]
 def _from_hub():
     from transformers import GemmaTokenizerFast
 
-    from library.models.sd_checkpoint import hub_is_offline
+    from library.models.hub_cache import cached_tokenizer_folder, hub_is_offline
 
     if hub_is_offline():
-        raise UserError("no Gemma tokenizer: pass --gemma2_tokenizer with a folder holding tokenizer.model or "
-                        f"tokenizer.json (e.g. the tokenizer folder of a diffusers Lumina 2 model), or go online "
-                        f"to download {GEMMA_HUB_ID}")
+        return _from_folder(cached_tokenizer_folder(
+            GEMMA_HUB_ID, TOKENIZER_FILES, "Gemma tokenizer",
+            "pass --gemma2_tokenizer with a folder holding tokenizer.model or tokenizer.json (e.g. the tokenizer "
+            "folder of a diffusers Lumina 2 model), or go online once to download it"))
     try:
         return right_padded(GemmaTokenizerFast.from_pretrained(GEMMA_HUB_ID, add_bos_token=True))
     except Exception as e:  # hub and network errors come in many types

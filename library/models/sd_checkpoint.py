@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from library.atomic_io import ensure_writable_dir, save_safetensors_atomic
 from library.errors import UserError
+from library.models.hub_cache import cached_snapshot, hub_is_offline
 from library.models import checkpoint_detect as detect
 from library.models import sd_ldm_layout as layout
 
@@ -66,13 +67,6 @@ def sd_tokenizer(v2: bool):
 
 
 # ---- loading ---------------------------------------------------------------------------------------
-
-def hub_is_offline() -> bool:
-    import huggingface_hub.constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return flag or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-
 
 def _hub_errors() -> tuple:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -204,12 +198,12 @@ def load_sd_diffusers_folder(folder: str, load_vae: bool = True, full_finetune: 
         raise UserError(f"could not load the diffusers model in {folder}: {e}") from e
 
 
+OFFLINE_FIX = "pass a local .safetensors file or diffusers folder, or go online once to download it"
+
+
 def load_sd_from_hub(repo_id: str, load_vae: bool = True) -> SDModels:
     if hub_is_offline():
-        raise UserError(
-            f"{repo_id} is not a local file or folder, and the model hub is offline (HF_HUB_OFFLINE); "
-            "pass a local .safetensors file or diffusers folder, or go online"
-        )
+        return load_sd_diffusers_folder(cached_snapshot(repo_id, f"model {repo_id}", OFFLINE_FIX), load_vae)
     try:
         return _load_diffusers_parts(repo_id, local_only=False, load_vae=load_vae)
     except _hub_errors() as e:
@@ -238,8 +232,10 @@ def load_vae(source: str):
         if not any("encoder.down." in k for k in state):
             raise UserError(f"--vae {source} holds no VAE weights (expected encoder.down.* / first_stage_model.*)")
         return _load_vae_from_ldm(state, source)
-    if detect.looks_like_local_path(source) or hub_is_offline():
+    if detect.looks_like_local_path(source):
         raise UserError(f"--vae {source}: no such file or folder")
+    if hub_is_offline():
+        return load_vae(cached_snapshot(source, f"VAE {source}", OFFLINE_FIX))
     try:
         return AutoencoderKL.from_pretrained(source, torch_dtype=torch.float32)
     except _hub_errors() as e:

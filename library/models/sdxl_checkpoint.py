@@ -163,10 +163,7 @@ def load_sdxl_diffusers_folder(folder: str, load_vae: bool = True, full_finetune
 
 def load_sdxl_from_hub(repo_id: str, load_vae: bool = True) -> SDXLModels:
     if sd.hub_is_offline():
-        raise UserError(
-            f"{repo_id} is not a local file or folder, and the model hub is offline (HF_HUB_OFFLINE); "
-            "pass a local .safetensors file or diffusers folder, or go online"
-        )
+        return load_sdxl_diffusers_folder(sd.cached_snapshot(repo_id, f"model {repo_id}", sd.OFFLINE_FIX), load_vae)
     try:
         return _load_diffusers_parts(repo_id, local_only=False, load_vae=load_vae)
     except sd._hub_errors() as e:

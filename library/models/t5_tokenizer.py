@@ -3,7 +3,8 @@
 No PyPI package ships the T5 vocabulary (FACTS.md), so offline users point `--t5_tokenizer` at a
 folder holding `spiece.model` or `tokenizer.json` (e.g. a diffusers FLUX folder's `tokenizer_2/`), or
 at a sentencepiece `.model` file. Without it, a diffusers model folder's own `tokenizer_2` is used,
-and otherwise `google/t5-v1_1-xxl` is downloaded when the hub is online.
+and otherwise `google/t5-v1_1-xxl`: from the Hugging Face cache when the hub is offline
+(library/models/hub_cache.py), downloaded when it is online.
 `train_sentencepiece_t5_tokenizer` trains a small sentencepiece model (tenths of a second) in T5's
 conventions (pad 0, EOS 1, UNK 2, no BOS): tests and the tiny built-in FLUX model use it.
 Loading a `.model` file needs the `protobuf` package (transformers converts it to a fast tokenizer).
@@ -62,13 +63,13 @@ def load_t5_tokenizer(path: Optional[str] = None, model_folder: Optional[str] = 
 def _from_hub():
     from transformers import T5TokenizerFast
 
-    from library.models.sd_checkpoint import hub_is_offline
+    from library.models.hub_cache import cached_tokenizer_folder, hub_is_offline
 
     if hub_is_offline():
-        raise UserError(
-            "no T5 tokenizer: pass --t5_tokenizer with a folder holding spiece.model or tokenizer.json "
-            f"(e.g. the tokenizer_2 folder of a diffusers FLUX model), or go online to download {T5_HUB_ID}"
-        )
+        return _from_folder(cached_tokenizer_folder(
+            T5_HUB_ID, TOKENIZER_FILES, "T5 tokenizer",
+            "pass --t5_tokenizer with a folder holding spiece.model or tokenizer.json (e.g. the tokenizer_2 folder "
+            "of a diffusers FLUX model), or go online once to download it"))
     try:
         return T5TokenizerFast.from_pretrained(T5_HUB_ID)
     except Exception as e:  # hub and network errors come in many types
