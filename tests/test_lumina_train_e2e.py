@@ -78,7 +78,7 @@ def test_single_files_kohya_names_and_lossless_conversion(tiny_lumina, demo_imag
 
     _, files = tiny_lumina
     train("network", single_file_args(files), demo_image_root, tmp_path / "out", "--max_train_steps", "2",
-          "--system_prompt", "", "--timestep_sampling", "shift", cache_text=False)
+          "--system_prompt", "", cache_text=False)
     path = tmp_path / "out" / "out.safetensors"
     tensors = load_file(path)
     assert all(KOHYA_KEY.fullmatch(key) for key in tensors), [k for k in tensors if not KOHYA_KEY.fullmatch(k)][:3]
@@ -90,6 +90,9 @@ def test_single_files_kohya_names_and_lossless_conversion(tiny_lumina, demo_imag
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
     assert metadata["ss_base_model_version"] == "lumina2" and metadata["modelspec.architecture"] == "lumina-2/lora"
+    # sd-scripts' Lumina defaults, written as its lumina_train_network.py writes them
+    assert (metadata["ss_timestep_sampling"], metadata["ss_discrete_flow_shift"], metadata["ss_model_prediction_type"],
+            metadata["ss_sigmoid_scale"], metadata["ss_weighting_scheme"]) == ("shift", "6.0", "raw", "1.0", "uniform")
     unet_only = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
     from safetensors.torch import save_file
 

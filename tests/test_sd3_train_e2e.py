@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import run_script
@@ -103,8 +104,17 @@ def test_single_file_kohya_lora_converts_both_ways(tiny_sd3, demo_image_root, tm
     _, files = tiny_sd3
     model_args = ["--pretrained_model_name_or_path", files["checkpoint"], "--t5_tokenizer", files["t5_tokenizer"]]
     train("network", model_args, demo_image_root, tmp_path / "out", "--max_train_steps", "2",
-          "--clip_g_dropout_rate", "0.3")
+          "--clip_g_dropout_rate", "0.3", "--min_timestep", "100", "--max_timestep", "900",
+          "--weighting_scheme", "logit_normal", "--logit_std", "1.2", "--apply_lg_attn_mask")
     path = str(tmp_path / "out" / "out.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    assert {key: metadata[key] for key in ("ss_weighting_scheme", "ss_logit_mean", "ss_logit_std", "ss_mode_scale",
+                                           "ss_min_timestep", "ss_max_timestep", "ss_training_shift",
+                                           "ss_apply_lg_attn_mask", "ss_apply_t5_attn_mask")} == {
+        "ss_weighting_scheme": "logit_normal", "ss_logit_mean": "0.0", "ss_logit_std": "1.2", "ss_mode_scale": "1.29",
+        "ss_min_timestep": "100", "ss_max_timestep": "900", "ss_training_shift": "1.0",
+        "ss_apply_lg_attn_mask": "True", "ss_apply_t5_attn_mask": "False"}
     tensors = load_file(path)
     assert all(KOHYA_KEY.fullmatch(k) for k in tensors)
     assert {k.split("_")[1] for k in tensors} == {"unet", "te1", "te2"}

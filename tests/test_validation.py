@@ -78,7 +78,7 @@ def test_validation_options_are_checked(tmp_path, text, message):
 
 def test_fixed_timesteps_ddpm_and_flow_matching():
     from library.models.sd_checkpoint import sd_noise_scheduler
-    from library.training.flow_matching import FlowMatchingNoiseScheme
+    from library.training.flow_matching import FlowMatchingNoiseScheme, FlowMatchingOptions
     from library.training.noise import DDPMNoiseOptions, DDPMNoiseScheme
 
     scheduler = sd_noise_scheduler(False)
@@ -86,6 +86,8 @@ def test_fixed_timesteps_ddpm_and_flow_matching():
     narrow = DDPMNoiseScheme(scheduler, DDPMNoiseOptions(min_timestep=100, max_timestep=500))
     assert fixed_timesteps(narrow, 4, "cpu").tolist() == [180, 260, 340, 420]
     assert fixed_timesteps(FlowMatchingNoiseScheme(), 4, "cpu").tolist() == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    ranged = FlowMatchingNoiseScheme(FlowMatchingOptions(min_timestep=100, max_timestep=600))
+    assert fixed_timesteps(ranged, 4, "cpu").tolist() == pytest.approx([0.2, 0.3, 0.4, 0.5])
 
 
 # ---- scoring with a flow-matching family stand-in ---------------------------------------------

@@ -383,6 +383,14 @@ class FlowMatchingNoiseScheme(NoiseScheme):
         sigmas = 1.0 - t if self.reverse_model_timesteps else t
         return sigmas * self.model_timestep_scale
 
+    def validation_timesteps(self, count: int, device) -> "torch.Tensor":
+        """Evenly spaced sigmas inside --min/--max_timestep (0.2, 0.4, 0.6, 0.8 for four by default)."""
+        import torch
+
+        low, high = self.options.sigma_range
+        return torch.tensor([low + (i + 1) / (count + 1) * (high - low) for i in range(count)],
+                            dtype=torch.float32, device=device)
+
     def prediction_for_loss(self, output, noisy, t):
         return apply_model_prediction_type(self.options.model_prediction_type, output, noisy, t, self.output_sign)
 
