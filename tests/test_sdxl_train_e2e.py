@@ -58,7 +58,7 @@ def pipeline_from(folder):
 def assert_same_weights(model, reference):
     reference = reference.state_dict()
     for name, weight in model.state_dict().items():
-        torch.testing.assert_close(weight, reference[name], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(weight, reference[name].to(weight.device), atol=0, rtol=0, msg=name)
 
 
 def test_lora_unet_and_both_text_encoders_load_exactly_in_diffusers(tiny_sdxl, demo_image_root, tmp_path):
