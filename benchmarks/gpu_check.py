@@ -240,6 +240,7 @@ class FluxBench:
         from library.training.distributed import build_accelerator
         from library.training.modes import make_mode
         from library.training.step_loss import StepLoss, TrainableModules
+        from library.training.trainer import disable_cudnn_attention
 
         torch = self.torch
         self.family = FluxFamily()
@@ -264,6 +265,7 @@ class FluxBench:
         self.transformer.enable_gradient_checkpointing()
         self.transformer.train()
         self.accelerator = build_accelerator(self.args)
+        disable_cudnn_attention(self.accelerator.device)  # what Trainer.train does
         self.wrapper = self.accelerator.prepare(TrainableModules([self.network]))
         self.step_loss = StepLoss(self.family, self.components, self.args, self.accelerator, None,
                                   torch.bfloat16, False)

@@ -127,7 +127,7 @@ def test_full_finetune_single_file_and_diffusers_folder_hold_the_trained_weights
         assert_same_weights(getattr(loaded, name), part)
     assert_same_weights(pipe.text_encoder, trained.text_encoders[0])  # --learning_rate_te1 0: frozen
     for before, after in ((pipe.unet, trained.denoiser), (pipe.text_encoder_2, trained.text_encoders[1])):
-        changed = [n for n, w in after.state_dict().items() if not torch.equal(w, before.state_dict()[n])]
+        changed = [n for n, w in after.state_dict().items() if not torch.equal(w.cpu(), before.state_dict()[n])]
         assert len(changed) > 20
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
