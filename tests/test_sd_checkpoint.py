@@ -30,7 +30,7 @@ def assert_same_weights(model_a, model_b):
 
 @pytest.fixture(scope="module")
 def pipeline():
-    from library.models.tiny import tiny_sd15_pipeline
+    from library.tiny_models.sd import tiny_sd15_pipeline
 
     return tiny_sd15_pipeline(seed=1)
 
@@ -52,7 +52,7 @@ def tiny_sd2_pipeline():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from library.models.tiny import tiny_vae
+    from library.tiny_models.sd import tiny_vae
     from library.models.sd_checkpoint import build_sd_pipeline
 
     torch.manual_seed(2)

@@ -37,7 +37,7 @@ def parse(*argv, full=False):
 
 @pytest.fixture(scope="module")
 def pipe():
-    from library.models.tiny_sdxl import tiny_sdxl_pipeline
+    from library.tiny_models.sdxl import tiny_sdxl_pipeline
 
     pipeline = tiny_sdxl_pipeline()
     for part in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.unet):
@@ -219,7 +219,7 @@ def test_lora_names_follow_sd_scripts_sdxl_layout(pipe):
 # ---- text-encoder cache identity ----------------------------------------------------------------------
 
 def test_text_encoder_cache_identity_names_encoders_length_and_weighting(pipe):
-    from library.models.tiny import tiny_clip_text_model
+    from library.tiny_models.sd import tiny_clip_text_model
 
     family, args = parse("--max_token_length", "150", "--weighted_captions")
     family.encoders_fingerprint = text_encoders_fingerprint(pipe.text_encoder, pipe.text_encoder_2)
