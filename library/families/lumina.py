@@ -137,7 +137,7 @@ class LuminaFamily(ModelFamily):
 
     def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.models.lumina_checkpoint import load_lumina_models, lumina_sampling_scheduler
-        from library.training.trainer import torch_dtype
+        from library.devices import torch_dtype
 
         self.validate_args(args)
         models = load_lumina_models(args.pretrained_model_name_or_path, args.gemma2, args.ae, args.gemma2_tokenizer,
@@ -155,7 +155,7 @@ class LuminaFamily(ModelFamily):
 
     def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
         from library.offload import CudaTransferBackend, require_cuda
-        from library.training.trainer import move_module
+        from library.devices import move_module
 
         transformer = components.denoiser
         if not args.blocks_to_swap:

@@ -69,7 +69,7 @@ def load_gemma_tokenizer(path: Optional[str] = None, model_folder: Optional[str]
 def _from_hub():
     from transformers import GemmaTokenizerFast
 
-    from library.models.sd_checkpoint import hub_is_offline
+    from library.models.weights_io import hub_is_offline
 
     if hub_is_offline():
         raise UserError("no Gemma tokenizer: pass --gemma2_tokenizer with a folder holding tokenizer.model or "

@@ -62,7 +62,7 @@ def load_t5_tokenizer(path: Optional[str] = None, model_folder: Optional[str] = 
 def _from_hub():
     from transformers import T5TokenizerFast
 
-    from library.models.sd_checkpoint import hub_is_offline
+    from library.models.weights_io import hub_is_offline
 
     if hub_is_offline():
         raise UserError(
