@@ -16,11 +16,11 @@ import sys
 from typing import Callable, Optional
 
 from library.errors import USER_ERROR_EXIT_CODE, UserError
+from library.families.table import FAMILIES, FAMILY_NAMES
 
 logger = logging.getLogger(__name__)
 
-FAMILY_NAMES = ("sd", "sdxl", "flux", "sd3", "lumina")
-FAMILY_SWITCHES = {"sdxl": "sdxl", "flux": "flux"}  # sd-scripts' --sdxl / --flux
+FAMILY_SWITCHES = {facts.tool_switch: name for name, facts in FAMILIES.items() if facts.tool_switch}  # --sdxl, --flux
 
 
 def add_family_arguments(parser: argparse.ArgumentParser) -> None:

@@ -437,7 +437,7 @@ def _load_pipeline_parts(source: str, dtype, load: tuple[bool, bool, bool]):
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
     from library.models.clip_tokenizer import build_clip_tokenizer
-    from library.models.sd_checkpoint import PIPELINE_FAMILIES
+    from library.families.table import family_of_pipeline_class
     from library.models.weights_io import hub_is_offline
 
     local = os.path.isdir(source)
@@ -447,7 +447,7 @@ def _load_pipeline_parts(source: str, dtype, load: tuple[bool, bool, bool]):
             raise UserError(f"{source} is a folder but not a diffusers model (no model_index.json); pass a FLUX "
                             "diffusers folder or a flux1-*.safetensors transformer file")
         with open(index, encoding="utf-8") as f:
-            family = PIPELINE_FAMILIES.get(json.load(f).get("_class_name", ""), "unknown")
+            family = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
         if family != "flux":
             raise detect.wrong_family_error(source, family)
     elif detect.looks_like_local_path(source):

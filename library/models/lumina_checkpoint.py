@@ -331,7 +331,7 @@ def _load_pipeline_parts(source: str, dtype, load_vae: bool, load_gemma: bool):
     from diffusers import AutoencoderKL, Lumina2Transformer2DModel
     from transformers import Gemma2Model
 
-    from library.models.sd_checkpoint import PIPELINE_FAMILIES
+    from library.families.table import family_of_pipeline_class
 
     if not os.path.isdir(source):
         raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder (pass the original "
@@ -340,7 +340,7 @@ def _load_pipeline_parts(source: str, dtype, load_vae: bool, load_gemma: bool):
     if not os.path.isfile(index):
         raise UserError(f"{source} is a folder but not a diffusers model (no model_index.json)")
     with open(index, encoding="utf-8") as f:
-        family = PIPELINE_FAMILIES.get(json.load(f).get("_class_name", ""), "unknown")
+        family = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
     if family != "lumina":
         raise detect.wrong_family_error(source, family)
     common = {"local_files_only": True}

@@ -329,14 +329,14 @@ def load_sd3_folder(source: str, dtype, skip_encoders: tuple[bool, bool, bool], 
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     from library.models.checkpoint_detect import wrong_family_error
-    from library.models.sd_checkpoint import PIPELINE_FAMILIES
+    from library.families.table import family_of_pipeline_class
 
     index = os.path.join(source, "model_index.json")
     if not os.path.isfile(index):
         raise UserError(f"{source} is a folder but not a diffusers model (no model_index.json); pass an SD3 "
                         "diffusers folder or an SAI single file (sd3.5_large.safetensors)")
     with open(index, encoding="utf-8") as f:
-        family = PIPELINE_FAMILIES.get(json.load(f).get("_class_name", ""), "unknown")
+        family = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
     if family != "sd3":
         raise wrong_family_error(source, family)
     dtype = dtype or torch.float32

@@ -21,17 +21,13 @@ from typing import Any, Optional
 
 from library.atomic_io import replace_folder_atomically, save_safetensors_atomic
 from library.errors import UserError
+from library.families.table import family_of_pipeline_class
 from library.models import checkpoint_detect as detect
 from library.models import sd_ldm_layout as layout
 from library.models.weights_io import (
     assert_fully_loaded, cast_tensor, hub_errors, hub_is_offline, read_state_dict, write_json,
 )
 
-# model_index.json class name -> family, to refuse other families' diffusers folders
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3", "Lumina2Pipeline": "lumina", "Lumina2Text2ImgPipeline": "lumina",
-}
 SD_BETA_START, SD_BETA_END, SD_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
 
 
@@ -130,7 +126,7 @@ def _check_folder_family(folder: str, full_finetune: bool) -> None:
         return
     with open(index_path, encoding="utf-8") as f:
         class_name = json.load(f).get("_class_name", "")
-    family = PIPELINE_FAMILIES.get(class_name, "sd")
+    family = family_of_pipeline_class(class_name) or "sd"
     if family != "sd":
         raise detect.wrong_family_error(folder, family, full_finetune)
 

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from library.atomic_io import replace_folder_atomically, save_safetensors_atomic
 from library.errors import UserError
+from library.families.table import family_of_pipeline_class
 from library.models import checkpoint_detect as detect
 from library.models import sd_checkpoint as sd
 from library.models import sgm_layout as sgm
@@ -126,7 +127,7 @@ def _check_folder_family(folder: str, full_finetune: bool) -> None:
         class_name = json.load(f).get("_class_name", "")
     if class_name == REFINER_PIPELINE_CLASS:
         raise UserError(f"{folder} {REFINER_MESSAGE}")
-    family = sd.PIPELINE_FAMILIES.get(class_name)
+    family = family_of_pipeline_class(class_name)
     if family is not None and family != "sdxl":
         raise detect.wrong_family_error(folder, family, full_finetune)
     if family is None and not os.path.isdir(os.path.join(folder, "text_encoder_2")):
