@@ -296,14 +296,6 @@ def test_epoch_loader_with_worker_processes(tmp_path):
     assert with_workers == in_process
 
 
-def test_epoch_loader_shard(tmp_path):
-    dataset = _bucketed_dataset(tmp_path)
-    batches = dataset.batches_for_epoch(1)
-    shard = EpochLoader(dataset, 1).shard(1, 3)
-    assert shard.batches == batches[1::3]
-    assert len(EpochLoader(dataset, 1, start_batch=1).shard(0, 3)) == len(batches[0::3]) - 1
-
-
 def test_latent_caching_rejects_pixel_augmentations(tmp_path):
     folder = write_images(tmp_path / "train", ["a"])
     for option in ("color_aug", "random_crop"):
