@@ -68,7 +68,7 @@ def build_model_data_parser(family, description: str, model_optional: bool = Fal
     VAE gets it from --vae, --ae, ...; the family's load_vae says what is missing).
     """
     from library.config.dataset_args import add_dataset_arguments
-    from library.data.dataset import add_caching_arguments
+    from library.data.dataset import add_caching_arguments, add_data_loading_arguments
 
     parser = argparse.ArgumentParser(description=description)
     add_family_arguments(parser)
@@ -78,6 +78,7 @@ def build_model_data_parser(family, description: str, model_optional: bool = Fal
             action.required = False
     add_dataset_arguments(parser)
     add_caching_arguments(parser)
+    add_data_loading_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the dataset order (does not change caches)")
     parser.add_argument("--config_file", default=None, help="TOML file holding any of these arguments")
     return parser

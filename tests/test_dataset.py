@@ -307,15 +307,15 @@ def test_latent_caching_rejects_pixel_augmentations(tmp_path):
 def test_caching_arguments_defaults():
     import argparse
 
-    from library.config.dataset_args import add_dataset_arguments
+    from library.data.dataset import add_data_loading_arguments
 
     parser = argparse.ArgumentParser()
     add_caching_arguments(parser)
-    add_dataset_arguments(parser)
+    add_data_loading_arguments(parser)
     args = parser.parse_args([])
     assert (args.cache_latents, args.cache_latents_to_disk, args.vae_batch_size, args.skip_cache_check,
             args.latents_cache_dir, args.max_data_loader_n_workers, args.prior_loss_weight) == (
         False, False, 1, False, None, 0, 1.0)
     groups = {action.dest: group.title for group in parser._action_groups for action in group._group_actions}
     assert groups["cache_latents"] == "latent caching"
-    assert groups["max_data_loader_n_workers"] == groups["prior_loss_weight"] == "dataset"
+    assert groups["max_data_loader_n_workers"] == groups["prior_loss_weight"] == "data loading"

@@ -82,10 +82,6 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         if options.get("action") != "store_true" and "metavar" not in options:
             options = {**options, "metavar": {int: "N", float: "X"}.get(options.get("type"), "TEXT")}
         group.add_argument(f"--{name}", default=None, **options)
-    group.add_argument("--prior_loss_weight", type=float, default=1.0,
-                       help="loss weight of regularisation images (default: 1.0)")
-    group.add_argument("--max_data_loader_n_workers", type=int, default=0,
-                       help="worker processes that build batches (default: 0 = in the training process)")
 
 
 def config_key_for_flag(flag_name: str) -> str:

@@ -4,8 +4,8 @@ Owns `TrainDataset` (all images of all datasets, with their buckets), the order 
 (`batches_for_epoch`: a pure function of seed and epoch, so a resumed run skips the first k batches
 and sees exactly the batches an uninterrupted run would), assembling one batch (`make_batch`: pixels
 or cached latents, captions through the caption pipeline, SDXL-style size conditioning, loss weights
-and alpha masks), `EpochLoader` to feed a torch DataLoader, and the latent-caching command-line
-flags. Epochs are 1-based, as in `library.data.captions.process_caption`. The two caches hand the
+and alpha masks), `EpochLoader` to feed a torch DataLoader, and the latent-caching and data-loading
+command-line flags. Epochs are 1-based, as in `library.data.captions.process_caption`. The two caches hand the
 dataset a source object it holds (`use_latent_source`, `use_text_source`): it asks them for an
 entry's latents or caption conditioning by `entry_id` and never imports the cache modules.
 
@@ -384,3 +384,11 @@ def add_caching_arguments(parser: argparse.ArgumentParser) -> None:
                        help="reuse existing latent cache files without checking that they match the images")
     group.add_argument("--latents_cache_dir", default=None, metavar="DIR",
                        help="folder for latent cache files (default: next to each image)")
+
+
+def add_data_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data loading")
+    group.add_argument("--max_data_loader_n_workers", type=int, default=0,
+                       help="worker processes that build batches (default: 0 = in the training process)")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0,
+                       help="loss weight of regularisation images (default: 1.0)")
