@@ -12,7 +12,7 @@ compare it with the shared target noise - latents.
 LoRA modules are named as sd-scripts' networks/lora_lumina.py writes them: `lora_unet_` + the original
 module path (`layers_0_attention_qkv` fused over diffusers' to_q/to_k/to_v, `_attention_out`,
 `_feed_forward_w1/w2/w3`, `_adaLN_modulation_1`, refiners alike) and `lora_te_` + Gemma-2 paths.
-diffusers ignores kohya keys for Lumina 2 (FACTS.md), so `--save_lora_format diffusers` writes PEFT keys.
+diffusers' Lumina 2 LoRA loader reads no kohya keys, so `--save_lora_format diffusers` writes PEFT keys.
 """
 
 from __future__ import annotations
