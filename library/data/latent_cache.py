@@ -201,8 +201,8 @@ def _is_reusable(job: _CacheJob, strategy, skip_cache_check: bool) -> bool:
 def use_existing_cache_files(
     dataset: "TrainDataset", strategy: "LatentsCachingStrategy", *, cache_dir: Optional[str], skip_cache_check: bool
 ) -> bool:
-    """Point every entry at its valid cache file if ALL of them have one (then no VAE is needed);
-    returns False, leaving the entries unchanged, as soon as one image would need encoding."""
+    """Hand the dataset a LatentSource of cache files if EVERY entry has a valid one (then no VAE is
+    needed); returns False, handing nothing over, as soon as one image would need encoding."""
     jobs = _jobs_for(dataset.entries, strategy, True, cache_dir)
     if not all(_is_reusable(job, strategy, skip_cache_check) for job in jobs):
         return False
@@ -226,7 +226,7 @@ def cache_dataset_latents(
     skip_cache_check: bool = False,
     cache_dir: Optional[str] = None,
 ) -> CacheCounts:
-    """Give every entry of the dataset its latents: in memory, or in (reused or new) cache files.
+    """Cache every entry's latents in memory or in (reused or new) files; the dataset gets a LatentSource.
 
     The VAE must already be on `device` in eval mode. Images are encoded bucket by bucket,
     `batch_size` at a time. Images that cannot be read now are left out of the dataset with a
