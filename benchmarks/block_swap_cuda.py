@@ -4,7 +4,7 @@ For each value of --blocks_to_swap (default 0 4 8 16 24 32) a FLUX-width transfo
 FluxTransformer2DModel, FLUX.1's 3072 channels = 24 heads of 128 and its 19 double + 38 single blocks
 unless shrunk with --double/--single/--heads) with a frozen bf16 base and a LoRA (or --full fine-tuning)
 trains a few steps under bf16 autocast, placed like FluxFamily.place_denoiser does: blocks swapped through
-`enable_block_swap` with the `CudaTransferBackend`, the rest of the model on the GPU. Printed per value:
+`place_with_block_swap` with the `CudaTransferBackend`, the rest of the model on the GPU. Printed per value:
 torch.cuda.max_memory_allocated over the timed steps and the median step time (synchronized), or OOM.
 The model is built once in CPU memory (FLUX.1 size needs about 24 GB of RAM plus the same again in
 pinned masters while swapping) and moved back between values.
@@ -45,19 +45,16 @@ def parse_args(argv=None):
 
 def place(transformer, network, blocks_to_swap: int, device, trains_weights: bool):
     """Like FluxFamily.place_denoiser: everything on the GPU, or the blocks swapped and the rest on the GPU."""
-    from library.families.flux import enable_block_swap
-    from library.offload import CudaTransferBackend
+    from library.families.flux import FluxFamily
+    from library.offload import CudaTransferBackend, place_with_block_swap
 
     if network is not None:
         network.to(device)
     if not blocks_to_swap:
         transformer.to(device)
         return None
-    swapped = (transformer.transformer_blocks, transformer.single_transformer_blocks)
-    for child in transformer.children():
-        if not any(child is blocks for blocks in swapped):
-            child.to(device)
-    return enable_block_swap(transformer, blocks_to_swap, CudaTransferBackend(device), trains_weights=trains_weights)
+    groups = FluxFamily().block_swap_groups(transformer, blocks_to_swap)
+    return place_with_block_swap(transformer, groups, CudaTransferBackend(device), trains_weights=trains_weights)
 
 
 def measure(transformer, network, args, blocks_to_swap: int) -> str:

@@ -82,9 +82,8 @@ def training_metadata(args, family, dataset, optimizer_description: str, *, num_
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
     }
-    for name in ("clip_skip", "max_token_length", "v2", "v_parameterization"):
-        if hasattr(args, name):
-            metadata[f"ss_{name}"] = _text(getattr(args, name))
+    for name in family.metadata_flags:
+        metadata[f"ss_{name}"] = _text(getattr(args, name))
     return metadata
 
 
