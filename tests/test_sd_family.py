@@ -65,7 +65,7 @@ def test_get_family_returns_a_fresh_sd_family():
     (["--max_token_length", "100"], "--max_token_length 100: use 75, 150 or 225"),
     (["--clip_skip", "0"], "--clip_skip 0"),
 ])
-def test_validate_args_rejects_bad_values(argv, message):
+def test_settings_reject_bad_values(argv, message):
     with pytest.raises(UserError, match=message):
         parse(*argv)
 
