@@ -28,7 +28,9 @@ from typing import Any, Optional
 from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
 from library.models import checkpoint_detect as detect
-from library.models.weights_io import cpu_state_dict, load_exactly, strip_prefix
+from library.models.weights_io import (
+    block_indices, build_transformer_from_state, cpu_state_dict, load_exactly, strip_prefix, swap_halves,
+)
 
 BFL_PREFIX = "model.diffusion_model."
 FLUX_AE_SCALING_FACTOR, FLUX_AE_SHIFT_FACTOR = 0.3611, 0.1159
@@ -98,16 +100,15 @@ def diffusers_to_bfl_module(path: str) -> Optional[str]:
     return next((bfl for bfl, diffusers in GLOBAL_LINEARS.items() if diffusers == path), None)
 
 
-def _swap_halves(tensor):
-    import torch
-
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def _block_indices(keys, prefix: str) -> list[int]:
-    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+def _move_global_linears(state: dict, out: dict, to_diffusers: bool) -> None:
+    """Moves the global linears' tensors from `state` into `out` under the other layout's names (final adaLN
+    halves swapped)."""
+    for bfl_name, diffusers_name in GLOBAL_LINEARS.items():
+        source, target = (bfl_name, diffusers_name) if to_diffusers else (diffusers_name, bfl_name)
+        for kind in ("weight", "bias"):
+            if f"{source}.{kind}" in state:
+                tensor = state.pop(f"{source}.{kind}")
+                out[f"{target}.{kind}"] = swap_halves(tensor) if bfl_name in SWAPPED_HALVES else tensor
 
 
 # ---- transformer: BFL <-> diffusers -----------------------------------------------------------------
@@ -124,7 +125,7 @@ def bfl_to_diffusers(state: dict, source: str = "the checkpoint") -> dict:
         return state.pop(key)
 
     for bfl_list, diffusers_list, linears, norms in BLOCK_LISTS:
-        for i in _block_indices(state, bfl_list):
+        for i in block_indices(state, bfl_list):
             for bfl_name, members in linears.items():
                 for kind in ("weight", "bias"):
                     tensor = take(f"{bfl_list}.{i}.{bfl_name}.{kind}")
@@ -133,12 +134,7 @@ def bfl_to_diffusers(state: dict, source: str = "the checkpoint") -> dict:
                         out[f"{diffusers_list}.{i}.{member}.{kind}"] = part
             for bfl_name, diffusers_name in norms.items():
                 out[f"{diffusers_list}.{i}.{diffusers_name}.weight"] = take(f"{bfl_list}.{i}.{bfl_name}.scale")
-    for bfl_name, diffusers_name in GLOBAL_LINEARS.items():
-        for kind in ("weight", "bias"):
-            key = f"{bfl_name}.{kind}"
-            if key in state:
-                tensor = state.pop(key)
-                out[f"{diffusers_name}.{kind}"] = _swap_halves(tensor) if bfl_name in SWAPPED_HALVES else tensor
+    _move_global_linears(state, out, to_diffusers=True)
     if state:
         raise UserError(f"{source} holds tensors a FLUX.1 transformer does not have, such as {sorted(state)[0]}; "
                         "it is another model or a variant this loader does not know")
@@ -152,19 +148,14 @@ def diffusers_to_bfl(state: dict) -> dict:
     state = dict(state)
     out = {}
     for bfl_list, diffusers_list, linears, norms in BLOCK_LISTS:
-        for i in _block_indices(state, diffusers_list):
+        for i in block_indices(state, diffusers_list):
             for bfl_name, members in linears.items():
                 for kind in ("weight", "bias"):
                     parts = [state.pop(f"{diffusers_list}.{i}.{member}.{kind}") for member in members]
                     out[f"{bfl_list}.{i}.{bfl_name}.{kind}"] = parts[0] if len(parts) == 1 else torch.cat(parts)
             for bfl_name, diffusers_name in norms.items():
                 out[f"{bfl_list}.{i}.{bfl_name}.scale"] = state.pop(f"{diffusers_list}.{i}.{diffusers_name}.weight")
-    for bfl_name, diffusers_name in GLOBAL_LINEARS.items():
-        for kind in ("weight", "bias"):
-            key = f"{diffusers_name}.{kind}"
-            if key in state:
-                tensor = state.pop(key)
-                out[f"{bfl_name}.{kind}"] = _swap_halves(tensor) if bfl_name in SWAPPED_HALVES else tensor
+    _move_global_linears(state, out, to_diffusers=False)
     if state:
         raise ValueError(f"no BFL name for diffusers tensors {sorted(state)[:3]}")
     return out
@@ -187,14 +178,14 @@ def infer_transformer_config(state: dict, source: str = "the checkpoint") -> dic
     if norm_key is None:
         raise UserError(f"{source} has no transformer blocks; it is not a complete FLUX.1 transformer")
     head_dim = state[norm_key].shape[0]
-    single = _block_indices(state, "single_transformer_blocks")
+    single = block_indices(state, "single_transformer_blocks")
     if single and state["single_transformer_blocks.0.proj_mlp.weight"].shape[0] != FLUX_MLP_RATIO * inner:
         raise UserError(f"{source}: the single blocks' MLP is not {FLUX_MLP_RATIO}x the width; not a FLUX.1 model")
     out_channels = state["proj_out.weight"].shape[0]
     return {
         "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": int(in_channels),
         "out_channels": None if out_channels == in_channels else int(out_channels),
-        "num_layers": len(_block_indices(state, "transformer_blocks")), "num_single_layers": len(single),
+        "num_layers": len(block_indices(state, "transformer_blocks")), "num_single_layers": len(single),
         "attention_head_dim": int(head_dim), "num_attention_heads": int(inner // head_dim),
         "joint_attention_dim": int(state["context_embedder.weight"].shape[1]),
         "pooled_projection_dim": int(state["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
@@ -205,8 +196,7 @@ def infer_transformer_config(state: dict, source: str = "the checkpoint") -> dic
 
 def transformer_state_from_file(state: dict, source: str) -> dict:
     """Diffusers-named transformer tensors from a BFL file (prefixed or not) or a diffusers-named file."""
-    if any(k.startswith(BFL_PREFIX) for k in state):
-        state = {k[len(BFL_PREFIX):]: v for k, v in state.items() if k.startswith(BFL_PREFIX)}
+    state = strip_prefix(state, (BFL_PREFIX,))
     if "img_in.weight" in state:
         return bfl_to_diffusers(state, source)
     if "x_embedder.weight" in state:
@@ -216,20 +206,9 @@ def transformer_state_from_file(state: dict, source: str) -> dict:
 
 def build_transformer(state: dict, config: dict, dtype=None, source: str = "the checkpoint"):
     """FluxTransformer2DModel holding `state`'s tensors (cast to dtype), built without a second copy."""
-    from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
-    with init_empty_weights():
-        model = FluxTransformer2DModel.from_config({k: v for k, v in config.items() if k != "_class_name"})
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        name = (missing or unexpected)[0]
-        raise UserError(f"{source}: {'missing' if missing else 'unexpected'} transformer tensor {name}; "
-                        "the file is incomplete or not a FLUX.1 transformer")
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
-    model.load_state_dict(state, assign=True)
-    return model
+    return build_transformer_from_state(FluxTransformer2DModel, config, state, dtype, source, "FLUX.1 transformer")
 
 
 def load_flux_transformer(path: str, dtype=None):
@@ -317,7 +296,7 @@ def infer_t5_config(state: dict) -> dict:
     wi = state["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
     return {
         "vocab_size": state["shared.weight"].shape[0], "d_model": query.shape[1], "d_kv": query.shape[0] // heads,
-        "d_ff": wi.shape[0], "num_layers": len(_block_indices(state, "encoder.block")), "num_heads": heads,
+        "d_ff": wi.shape[0], "num_layers": len(block_indices(state, "encoder.block")), "num_heads": heads,
         "relative_attention_num_buckets": bias.shape[0],
         # not in the shapes: T5 v1.1 has 32 buckets over distance 128; tiny presets keep that 1:4 ratio
         "relative_attention_max_distance": 4 * bias.shape[0],

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
 from library.models import checkpoint_detect as detect
+from library.models.weights_io import block_indices, build_transformer_from_state, strip_prefix
 
 ORIGINAL_PREFIX = "model.diffusion_model."
 PATCH_SIZE = 2  # every released Lumina 2 model
@@ -77,11 +78,6 @@ def diffusers_to_original_module(path: str) -> Optional[str]:
     return next((original for original, diffusers in GLOBAL_LINEARS.items() if diffusers == path), None)
 
 
-def _block_indices(keys, prefix: str) -> list[int]:
-    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
-    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
-
-
 def qkv_row_sizes(rows: int, hidden: int) -> list[int]:
     """(q, k, v) rows of a fused qkv: q is the model width, k and v share the rest (grouped-query attention)."""
     if rows <= hidden or (rows - hidden) % 2:
@@ -106,7 +102,7 @@ def original_to_diffusers(state: dict, source: str = "the checkpoint") -> dict:
         return state.pop(key)
 
     for block_list in BLOCK_LISTS:
-        for i in _block_indices(state, block_list):
+        for i in block_indices(state, block_list):
             prefix = f"{block_list}.{i}."
             for original, members in BLOCK_LINEARS.items():
                 for kind in ("weight", "bias"):
@@ -135,7 +131,7 @@ def diffusers_to_original(state: dict) -> dict:
 
     out = {}
     for block_list in BLOCK_LISTS:
-        for i in _block_indices(state, block_list):
+        for i in block_indices(state, block_list):
             prefix = f"{block_list}.{i}."
             for original, members in BLOCK_LINEARS.items():
                 for kind in ("weight", "bias"):
@@ -183,8 +179,8 @@ def infer_transformer_config(state: dict, source: str = "the checkpoint") -> dic
     return {
         "_class_name": "Lumina2Transformer2DModel", "sample_size": 128, "patch_size": PATCH_SIZE,
         "in_channels": int(patch_in) // PATCH_SIZE**2, "out_channels": None, "hidden_size": int(hidden),
-        "num_layers": len(_block_indices(state, "layers")),
-        "num_refiner_layers": len(_block_indices(state, "noise_refiner")),
+        "num_layers": len(block_indices(state, "layers")),
+        "num_refiner_layers": len(block_indices(state, "noise_refiner")),
         "num_attention_heads": int(hidden) // head_dim,
         "num_kv_heads": int(state["layers.0.attn.to_k.weight"].shape[0]) // head_dim,
         **_feed_forward_config(int(state["layers.0.feed_forward.linear_1.weight"].shape[0]), int(hidden), source),
@@ -194,8 +190,7 @@ def infer_transformer_config(state: dict, source: str = "the checkpoint") -> dic
 
 
 def transformer_state_from_file(state: dict, source: str) -> dict:
-    if any(k.startswith(ORIGINAL_PREFIX) for k in state):
-        state = {k[len(ORIGINAL_PREFIX):]: v for k, v in state.items() if k.startswith(ORIGINAL_PREFIX)}
+    state = strip_prefix(state, (ORIGINAL_PREFIX,))
     if "cap_embedder.1.weight" in state:
         return original_to_diffusers(state, source)
     if "time_caption_embed.caption_embedder.1.weight" in state:
@@ -205,20 +200,10 @@ def transformer_state_from_file(state: dict, source: str) -> dict:
 
 def build_transformer(state: dict, config: dict, dtype=None, source: str = "the checkpoint"):
     """Lumina2Transformer2DModel holding `state`'s tensors (cast to dtype), without a second copy."""
-    from accelerate import init_empty_weights
     from diffusers import Lumina2Transformer2DModel
 
-    with init_empty_weights():
-        model = Lumina2Transformer2DModel.from_config({k: v for k, v in config.items() if k != "_class_name"})
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        name = (missing or unexpected)[0]
-        raise UserError(f"{source}: {'missing' if missing else 'unexpected'} transformer tensor {name}; "
-                        "the file is incomplete or not a Lumina 2 transformer")
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
-    model.load_state_dict(state, assign=True)
-    return model
+    return build_transformer_from_state(Lumina2Transformer2DModel, config, state, dtype, source,
+                                        "Lumina 2 transformer")
 
 
 def load_lumina_transformer(path: str, dtype=None):
@@ -252,7 +237,7 @@ def infer_gemma2_config(state: dict, metadata: dict) -> dict:
     return {
         "vocab_size": int(vocab), "hidden_size": int(hidden), "head_dim": head_dim,
         "intermediate_size": int(state["layers.0.mlp.gate_proj.weight"].shape[0]),
-        "num_hidden_layers": len(_block_indices(state, "layers")),
+        "num_hidden_layers": len(block_indices(state, "layers")),
         "num_attention_heads": int(state["layers.0.self_attn.q_proj.weight"].shape[0]) // head_dim,
         "num_key_value_heads": int(state["layers.0.self_attn.k_proj.weight"].shape[0]) // head_dim,
         "query_pre_attn_scalar": head_dim, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
@@ -266,7 +251,7 @@ def load_gemma2(path: str, dtype=None):
     from transformers import Gemma2Config, Gemma2Model
 
     from library.models.flux_checkpoint import read_safetensors_file
-    from library.models.weights_io import load_exactly, strip_prefix
+    from library.models.weights_io import load_exactly
 
     state = strip_prefix(read_safetensors_file(path, "--gemma2"), ("model.",))
     state.pop("lm_head.weight", None)

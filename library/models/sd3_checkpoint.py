@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
-from library.models.weights_io import cpu_state_dict, load_exactly
+from library.models.weights_io import block_indices, cpu_state_dict, load_exactly, swap_halves
 
 SAI_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -91,22 +91,13 @@ def diffusers_to_sai_module(path: str) -> Optional[str]:
     return next((sai for sai, diffusers in GLOBAL_MODULES.items() if diffusers == path), None)
 
 
-def _swap_halves(tensor):
-    import torch
-
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
-def _block_indices(keys, pattern: str) -> list[int]:
-    regex = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := regex.match(k))})
-
-
-def _swapped_modules(pre_only_block: Optional[int]) -> set[str]:
+def _swapped_modules(state: dict, prefix: str, context_output: str) -> set[str]:
+    """SAI modules whose adaLN halves swap: the final layer's, and the last block's context adaLN when that block is
+    context-pre-only (`state` has no `prefix.<last>.<context_output>.weight`)."""
+    blocks = block_indices(state, prefix)
     swapped = {"final_layer.adaLN_modulation.1"}
-    if pre_only_block is not None:
-        swapped.add(f"joint_blocks.{pre_only_block}.context_block.adaLN_modulation.1")
+    if blocks and f"{prefix}.{blocks[-1]}.{context_output}.weight" not in state:
+        swapped.add(f"joint_blocks.{blocks[-1]}.context_block.adaLN_modulation.1")
     return swapped
 
 
@@ -114,10 +105,7 @@ def _swapped_modules(pre_only_block: Optional[int]) -> set[str]:
 
 def sai_to_diffusers(state: dict, source: str = "the checkpoint") -> dict:
     """MMDiT tensors (prefix removed) -> diffusers SD3Transformer2DModel names."""
-    blocks = _block_indices(state, r"joint_blocks\.(\d+)\.")
-    last = blocks[-1] if blocks else None
-    pre_only = last if last is not None and f"joint_blocks.{last}.context_block.attn.proj.weight" not in state else None
-    swapped = _swapped_modules(pre_only)
+    swapped = _swapped_modules(state, "joint_blocks", "context_block.attn.proj")
     out = {}
     for key, tensor in state.items():
         if key == "pos_embed":
@@ -128,7 +116,7 @@ def sai_to_diffusers(state: dict, source: str = "the checkpoint") -> dict:
         if members is None or param not in ("weight", "bias"):
             raise UserError(f"{source}: unexpected MMDiT tensor {key}; the file is not an SD3/SD3.5 checkpoint")
         if module in swapped:
-            tensor = _swap_halves(tensor)
+            tensor = swap_halves(tensor)
         for member, part in zip(members, tensor.chunk(len(members), dim=0) if len(members) > 1 else (tensor,)):
             out[f"{member}.{param}"] = part
     return out
@@ -138,10 +126,7 @@ def diffusers_to_sai(state: dict) -> dict:
     """Inverse of sai_to_diffusers (fused linears concatenated back, halves swapped back)."""
     import torch
 
-    blocks = _block_indices(state, r"transformer_blocks\.(\d+)\.")
-    last = blocks[-1] if blocks else None
-    pre_only = last if last is not None and f"transformer_blocks.{last}.attn.to_add_out.weight" not in state else None
-    swapped = _swapped_modules(pre_only)
+    swapped = _swapped_modules(state, "transformer_blocks", "attn.to_add_out")
     groups: dict[tuple[str, str], dict[int, Any]] = {}
     out = {}
     for key, tensor in state.items():
@@ -155,7 +140,7 @@ def diffusers_to_sai(state: dict) -> dict:
         groups.setdefault((sai, param), {})[sai_members(sai).index(module)] = tensor
     for (sai, param), parts in groups.items():
         tensor = torch.cat([parts[i] for i in sorted(parts)], dim=0) if len(parts) > 1 else parts[0]
-        out[f"{sai}.{param}"] = _swap_halves(tensor) if sai in swapped else tensor
+        out[f"{sai}.{param}"] = swap_halves(tensor) if sai in swapped else tensor
     return out
 
 
@@ -163,12 +148,12 @@ def infer_transformer_config(state: dict) -> dict:
     """SD3Transformer2DModel config from SAI tensor shapes (SD3 medium, SD3.5 medium/large, tiny)."""
     proj = state["x_embedder.proj.weight"]  # [inner, in_channels, patch, patch]
     inner, patch = proj.shape[0], proj.shape[2]
-    num_layers = len(_block_indices(state, r"joint_blocks\.(\d+)\."))
+    num_layers = len(block_indices(state, "joint_blocks"))
     ln_q = state.get("joint_blocks.0.x_block.attn.ln_q.weight")
     # the head width is not in the shapes without qk-norm: 64 in every released model, 16 in tiny presets
     head_dim = ln_q.shape[0] if ln_q is not None else (64 if inner >= 512 else 16)
     pos_max = math.isqrt(state["pos_embed"].shape[1])
-    dual = _block_indices(state, r"joint_blocks\.(\d+)\.x_block\.attn2\.")
+    dual = block_indices(state, "joint_blocks", "x_block.attn2.")
     return {
         "_class_name": "SD3Transformer2DModel", "sample_size": 128 if pos_max >= 128 else pos_max // 2,
         "patch_size": patch, "in_channels": proj.shape[1], "num_layers": num_layers,

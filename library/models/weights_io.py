@@ -2,15 +2,18 @@
 
 Owns `read_state_dict` of a single file (.safetensors, or .ckpt/.pt through `torch.load(weights_only=True)`), the
 completeness checks after loading (`assert_fully_loaded` for diffusers' single-file loaders, which
-leave missing parameters on the meta device; `load_exactly` for `load_state_dict`), `strip_prefix`,
-`write_json` for temporary config folders, and `cast_tensor` / `cpu_state_dict`, which move
-weights to the CPU and cast floating-point tensors only (integer buffers keep their dtype).
+leave missing parameters on the meta device; `load_exactly` for `load_state_dict`;
+`build_transformer_from_state`, a transformer built on the meta device around given tensors), `strip_prefix`,
+`write_json` for temporary config folders, the layout-conversion helpers `block_indices` and `swap_halves`,
+and `cast_tensor` / `cpu_state_dict`, which move weights to the CPU and cast floating-point tensors only
+(integer buffers keep their dtype).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Optional
 
 from library.errors import UserError
@@ -46,6 +49,39 @@ def load_exactly(model, state: dict, source: str, assign: bool = False) -> None:
         name = (missing or result.unexpected_keys)[0]
         raise UserError(f"{source}: {'missing' if missing else 'unexpected'} tensor {name}; "
                         "the file is incomplete or another model")
+
+
+def build_transformer_from_state(model_class, config: dict, state: dict, dtype, source: str, model_name: str):
+    """`model_class` from `config` (its `_class_name` aside) holding `state`'s tensors, floating-point ones cast to
+    `dtype` (None keeps theirs); built on the meta device, so no second copy. A missing or unexpected tensor ->
+    UserError naming it and `model_name` ("FLUX.1 transformer")."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = model_class.from_config({k: v for k, v in config.items() if k != "_class_name"})
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        raise UserError(f"{source}: {'missing' if missing else 'unexpected'} transformer tensor {name}; "
+                        f"the file is incomplete or not a {model_name}")
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def block_indices(keys, prefix: str, within: str = "") -> list[int]:
+    """The block numbers N of keys `prefix.N.within...` ("layers" -> [0, 1, ...]), sorted."""
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.{re.escape(within)}")
+    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+
+
+def swap_halves(tensor):
+    """The two halves of dim 0 exchanged: (shift, scale) rows <-> (scale, shift), as layouts disagree on adaLN."""
+    import torch
+
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
 
 def strip_prefix(state: dict, prefixes: tuple[str, ...]) -> dict:
