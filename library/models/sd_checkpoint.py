@@ -26,7 +26,7 @@ from library.models.hub_cache import cached_snapshot, hub_errors, hub_is_offline
 from library.models import checkpoint_detect as detect
 from library.models import sd_ldm_layout as layout
 from library.models.weights_io import (
-    assert_fully_loaded, cast_tensor, read_state_dict, write_json,
+    assert_fully_loaded, cast_tensor, load_single_file_part, read_state_dict, write_json,
 )
 
 SD_BETA_START, SD_BETA_END, SD_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
@@ -66,15 +66,18 @@ def sd_tokenizer(v2: bool):
 
 # ---- loading ---------------------------------------------------------------------------------------
 
-def _load_vae_from_ldm(state: dict, source: str):
+def load_vae_from_ldm_state(state: dict, vae_config: dict, source: str):
+    """A float32 AutoencoderKL from the LDM VAE tensors in `state` (SD and SDXL files), with this diffusers config."""
     from diffusers import AutoencoderKL
 
-    ldm_vae = layout.split_ldm_state_dict(state)["vae"] or state  # bare VAE files have no prefix
     with tempfile.TemporaryDirectory() as config_dir:
-        write_json(os.path.join(config_dir, "vae", "config.json"), layout.infer_vae_config(ldm_vae))
-        vae = AutoencoderKL.from_single_file(state, config=config_dir, subfolder="vae", local_files_only=True)
-    assert_fully_loaded(vae, "VAE", source)
+        vae = load_single_file_part(AutoencoderKL, state, vae_config, config_dir, "vae", "VAE", source)
     return vae.float()
+
+
+def _load_vae_from_ldm(state: dict, source: str):
+    ldm_vae = layout.split_ldm_state_dict(state)["vae"] or state  # bare VAE files have no prefix
+    return load_vae_from_ldm_state(state, layout.infer_vae_config(ldm_vae), source)
 
 
 def _load_ldm_text_encoder(state: dict, parts: dict, v2: bool, config_dir: str, source: str):
@@ -107,10 +110,9 @@ def load_sd_single_file(path: str, load_vae: bool = True, full_finetune: bool = 
     if load_vae and not parts["vae"]:
         raise UserError(f"{path} has no VAE weights (first_stage_model.*); add --vae with a VAE file or folder")
     with tempfile.TemporaryDirectory() as config_dir:
-        write_json(os.path.join(config_dir, "unet", "config.json"), layout.infer_unet_config(parts["unet"], v2))
         # loaded in the file's dtype, then .float(): diffusers warns on every .to(dtype)
-        unet = UNet2DConditionModel.from_single_file(state, config=config_dir, subfolder="unet", local_files_only=True)
-        assert_fully_loaded(unet, "UNet", path)
+        unet = load_single_file_part(UNet2DConditionModel, state, layout.infer_unet_config(parts["unet"], v2),
+                                     config_dir, "unet", "UNet", path)
         text_encoder = _load_ldm_text_encoder(state, parts, v2, config_dir, path)
     vae = _load_vae_from_ldm(state, path) if load_vae else None
     return SDModels(unet.float(), vae, text_encoder, sd_tokenizer(v2), v2)
@@ -162,16 +164,22 @@ def load_sd_diffusers_folder(folder: str, load_vae: bool = True, full_finetune: 
 OFFLINE_FIX = "pass a local .safetensors file or diffusers folder, or go online once to download it"
 
 
-def load_sd_from_hub(repo_id: str, load_vae: bool = True) -> SDModels:
+def load_from_hub(repo_id: str, load_vae: bool, from_folder, load_parts):
+    """A hub id (SD and SDXL): `from_folder` on the cached snapshot when the hub is offline, else `load_parts`
+    downloading; a failed download -> UserError."""
     if hub_is_offline():
-        return load_sd_diffusers_folder(cached_snapshot(repo_id, f"model {repo_id}", OFFLINE_FIX), load_vae)
+        return from_folder(cached_snapshot(repo_id, f"model {repo_id}", OFFLINE_FIX), load_vae)
     try:
-        return _load_diffusers_parts(repo_id, local_only=False, load_vae=load_vae)
+        return load_parts(repo_id, local_only=False, load_vae=load_vae)
     except hub_errors() as e:
         raise UserError(
             f"{repo_id} is not a local file or folder, and downloading it from the model hub failed "
             f"({type(e).__name__}: {e}); check the name and your network, or pass a local file"
         ) from e
+
+
+def load_sd_from_hub(repo_id: str, load_vae: bool = True) -> SDModels:
+    return load_from_hub(repo_id, load_vae, load_sd_diffusers_folder, _load_diffusers_parts)
 
 
 def load_vae(source: str):
@@ -203,23 +211,28 @@ def load_vae(source: str):
         raise UserError(f"--vae {source}: not a local file or folder, and the hub download failed ({e})") from e
 
 
+def load_from_source(source: str, load_vae: bool, full_finetune: bool, from_folder, from_single_file, from_hub):
+    """What --pretrained_model_name_or_path names (SD and SDXL): a diffusers folder, a single file or a hub id,
+    each through the family's loader; a missing path or an unsupported file type -> UserError."""
+    if os.path.isdir(source):
+        return from_folder(source, load_vae, full_finetune)
+    if os.path.isfile(source):
+        if not detect.is_single_file_name(source):
+            raise UserError(f"{source}: unsupported checkpoint type; use .safetensors (or .ckpt/.pt)")
+        return from_single_file(source, load_vae, full_finetune)
+    if detect.looks_like_local_path(source):
+        raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder")
+    return from_hub(source, load_vae)
+
+
 def load_sd_models(
     source: str, vae_source: Optional[str] = None, full_finetune: bool = False, with_vae: bool = True
 ) -> SDModels:
     """Everything --pretrained_model_name_or_path (and --vae) can point at; user mistakes -> UserError.
 
     with_vae=False reads no VAE (models.vae is None): the latents all come from cache files."""
-    load_own_vae = with_vae and vae_source is None
-    if os.path.isdir(source):
-        models = load_sd_diffusers_folder(source, load_own_vae, full_finetune)
-    elif os.path.isfile(source):
-        if not detect.is_single_file_name(source):
-            raise UserError(f"{source}: unsupported checkpoint type; use .safetensors (or .ckpt/.pt)")
-        models = load_sd_single_file(source, load_own_vae, full_finetune)
-    elif detect.looks_like_local_path(source):
-        raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder")
-    else:
-        models = load_sd_from_hub(source, load_own_vae)
+    models = load_from_source(source, with_vae and vae_source is None, full_finetune,
+                              load_sd_diffusers_folder, load_sd_single_file, load_sd_from_hub)
     if with_vae and vae_source is not None:
         models.vae = load_vae(vae_source)
     return models

@@ -22,12 +22,11 @@ from typing import Any, Optional
 from library.atomic_io import replace_folder_atomically, save_safetensors_atomic
 from library.errors import UserError
 from library.families.table import family_of_pipeline_class
-from library.models.hub_cache import cached_snapshot, hub_errors, hub_is_offline
 from library.models import checkpoint_detect as detect
 from library.models import sd_checkpoint as sd
 from library.models import sgm_layout as sgm
 from library.models.weights_io import (
-    assert_fully_loaded, cast_tensor, read_state_dict, write_json,
+    assert_fully_loaded, cast_tensor, load_single_file_part, read_state_dict, write_json,
 )
 
 REFINER_PIPELINE_CLASS = "StableDiffusionXLImg2ImgPipeline"
@@ -88,13 +87,7 @@ def _load_sgm_text_encoders(state: dict, parts: dict, config_dir: str, source: s
 
 
 def _load_sgm_vae(state: dict, ldm_vae: dict, source: str):
-    from diffusers import AutoencoderKL
-
-    with tempfile.TemporaryDirectory() as config_dir:
-        write_json(os.path.join(config_dir, "vae", "config.json"), sgm.infer_sdxl_vae_config(ldm_vae))
-        vae = AutoencoderKL.from_single_file(state, config=config_dir, subfolder="vae", local_files_only=True)
-    assert_fully_loaded(vae, "VAE", source)
-    return vae.float()
+    return sd.load_vae_from_ldm_state(state, sgm.infer_sdxl_vae_config(ldm_vae), source)
 
 
 def load_sdxl_single_file(path: str, load_vae: bool = True, full_finetune: bool = False) -> SDXLModels:
@@ -108,9 +101,7 @@ def load_sdxl_single_file(path: str, load_vae: bool = True, full_finetune: bool 
     pooled_dim = parts["bigg"]["text_projection"].shape[1]
     with tempfile.TemporaryDirectory() as config_dir:
         unet_config = sgm.infer_sdxl_unet_config(parts["unet"], pooled_dim)
-        write_json(os.path.join(config_dir, "unet", "config.json"), unet_config)
-        unet = UNet2DConditionModel.from_single_file(state, config=config_dir, subfolder="unet", local_files_only=True)
-        assert_fully_loaded(unet, "UNet", path)
+        unet = load_single_file_part(UNet2DConditionModel, state, unet_config, config_dir, "unet", "UNet", path)
         text_encoder_1, text_encoder_2 = _load_sgm_text_encoders(state, parts, config_dir, path)
     vae = _load_sgm_vae(state, parts["vae"], path) if load_vae else None
     logit_scale = parts["bigg"].get("logit_scale")
@@ -166,15 +157,7 @@ def load_sdxl_diffusers_folder(folder: str, load_vae: bool = True, full_finetune
 
 
 def load_sdxl_from_hub(repo_id: str, load_vae: bool = True) -> SDXLModels:
-    if hub_is_offline():
-        return load_sdxl_diffusers_folder(cached_snapshot(repo_id, f"model {repo_id}", sd.OFFLINE_FIX), load_vae)
-    try:
-        return _load_diffusers_parts(repo_id, local_only=False, load_vae=load_vae)
-    except hub_errors() as e:
-        raise UserError(
-            f"{repo_id} is not a local file or folder, and downloading it from the model hub failed "
-            f"({type(e).__name__}: {e}); check the name and your network, or pass a local file"
-        ) from e
+    return sd.load_from_hub(repo_id, load_vae, load_sdxl_diffusers_folder, _load_diffusers_parts)
 
 
 def load_sdxl_vae(source: str):
@@ -208,17 +191,8 @@ def load_sdxl_models(
     """Everything --pretrained_model_name_or_path (and --vae) can point at; user mistakes -> UserError.
 
     with_vae=False reads no VAE (models.vae is None): the latents all come from cache files."""
-    load_own_vae = with_vae and vae_source is None
-    if os.path.isdir(source):
-        models = load_sdxl_diffusers_folder(source, load_own_vae, full_finetune)
-    elif os.path.isfile(source):
-        if not detect.is_single_file_name(source):
-            raise UserError(f"{source}: unsupported checkpoint type; use .safetensors (or .ckpt/.pt)")
-        models = load_sdxl_single_file(source, load_own_vae, full_finetune)
-    elif detect.looks_like_local_path(source):
-        raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder")
-    else:
-        models = load_sdxl_from_hub(source, load_own_vae)
+    models = sd.load_from_source(source, with_vae and vae_source is None, full_finetune,
+                                 load_sdxl_diffusers_folder, load_sdxl_single_file, load_sdxl_from_hub)
     if with_vae and vae_source is not None:
         models.vae = load_sdxl_vae(vae_source)
     return models

@@ -3,7 +3,8 @@
 Owns `read_state_dict` of a single file (.safetensors, or .ckpt/.pt through `torch.load(weights_only=True)`), the
 completeness checks after loading (`assert_fully_loaded` for diffusers' single-file loaders, which
 leave missing parameters on the meta device; `load_exactly` for `load_state_dict`;
-`build_transformer_from_state`, a transformer built on the meta device around given tensors), `strip_prefix`,
+`build_transformer_from_state`, a transformer built on the meta device around given tensors;
+`load_single_file_part` through diffusers' `from_single_file` with a written config), `strip_prefix`,
 `write_json` for temporary config folders, the layout-conversion helpers `block_indices` and `swap_halves`,
 and `cast_tensor` / `cpu_state_dict`, which move weights to the CPU and cast floating-point tensors only
 (integer buffers keep their dtype).
@@ -38,6 +39,16 @@ def assert_fully_loaded(model, what: str, source: str) -> None:
     missing = [name for name, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
         raise UserError(f"{source} is missing {what} weights ({', '.join(missing[:3])}, ...); the file is incomplete")
+
+
+def load_single_file_part(model_class, state: dict, config: dict, config_dir: str, subfolder: str, what: str,
+                          source: str):
+    """One part of a single-file checkpoint through diffusers' `from_single_file`, its `config` written to
+    `config_dir/subfolder/config.json` first; checked complete (`what` names the part in the error)."""
+    write_json(os.path.join(config_dir, subfolder, "config.json"), config)
+    model = model_class.from_single_file(state, config=config_dir, subfolder=subfolder, local_files_only=True)
+    assert_fully_loaded(model, what, source)
+    return model
 
 
 def load_exactly(model, state: dict, source: str, assign: bool = False) -> None:
