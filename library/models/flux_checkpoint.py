@@ -29,7 +29,8 @@ from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
 from library.models import checkpoint_detect as detect
 from library.models.weights_io import (
-    block_indices, build_transformer_from_state, cpu_state_dict, load_exactly, strip_prefix, swap_halves,
+    block_indices, build_transformer_from_state, cpu_state_dict, from_single_file_with_config, load_exactly,
+    strip_prefix, swap_halves,
 )
 
 BFL_PREFIX = "model.diffusion_model."
@@ -243,8 +244,6 @@ def read_safetensors_file(path: str, flag: str) -> dict:
 
 def load_flux_ae(path: str, dtype=None):
     """AutoencoderKL from a BFL ae.safetensors (LDM keys, optionally under first_stage_model./vae.)."""
-    import json
-
     from diffusers import AutoencoderKL
 
     from library.models import sd_ldm_layout as layout
@@ -260,10 +259,7 @@ def load_flux_ae(path: str, dtype=None):
     if config["latent_channels"] != 16:
         raise UserError(f"--ae {path} has {config['latent_channels']} latent channels; FLUX.1 uses the 16-channel AE")
     with tempfile.TemporaryDirectory() as folder:
-        os.makedirs(os.path.join(folder, "vae"))
-        with open(os.path.join(folder, "vae", "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f)
-        vae = AutoencoderKL.from_single_file(state, config=folder, subfolder="vae", local_files_only=True)
+        vae = from_single_file_with_config(AutoencoderKL, state, config, folder, "vae")
     if any(p.is_meta for p in vae.parameters()):
         raise UserError(f"--ae {path} is missing autoencoder weights; the file is incomplete")
     return vae.to(dtype) if dtype is not None else vae
@@ -308,21 +304,27 @@ def infer_t5_config(state: dict) -> dict:
 
 def load_t5xxl(path: str, dtype=None):
     """transformers T5EncoderModel from t5xxl_fp16/bf16/fp8 files; fp8 is upcast to dtype (default fp32)."""
+    state = strip_prefix(read_safetensors_file(path, "--t5xxl"), ("text_encoders.t5xxl.transformer.",))
+    if "encoder.embed_tokens.weight" in state and "shared.weight" not in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    return build_t5_encoder(state, f"--t5xxl {path}", dtype)
+
+
+def build_t5_encoder(state: dict, source: str, dtype=None, tensors_source: Optional[str] = None):
+    """T5EncoderModel (config from shapes) holding `state`'s tensors cast to dtype (default fp32), built on the meta
+    device; `source` names the file in errors, `tensors_source` (default `source`) a missing or unexpected tensor's."""
     import torch
     from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
 
-    state = strip_prefix(read_safetensors_file(path, "--t5xxl"), ("text_encoders.t5xxl.transformer.",))
-    if "encoder.embed_tokens.weight" in state and "shared.weight" not in state:
-        state["shared.weight"] = state["encoder.embed_tokens.weight"]
     if "shared.weight" not in state or "encoder.block.0.layer.0.SelfAttention.q.weight" not in state:
-        raise UserError(f"--t5xxl {path} holds no T5 encoder (shared.weight, encoder.block.*)")
+        raise UserError(f"{source} holds no T5 encoder (shared.weight, encoder.block.*)")
     with init_empty_weights():
         model = T5EncoderModel(T5Config(**infer_t5_config(state)))
     target = dtype or torch.float32
     state = {k: v.to(target) for k, v in state.items()}
     state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
-    load_exactly(model, state, f"--t5xxl {path}", assign=True)
+    load_exactly(model, state, tensors_source or source, assign=True)
     model.tie_weights()
     return model
 

@@ -23,7 +23,9 @@ from typing import Any, Optional
 
 from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
-from library.models.weights_io import block_indices, cpu_state_dict, load_exactly, swap_halves
+from library.models.weights_io import (
+    block_indices, cpu_state_dict, from_single_file_with_config, load_exactly, strip_prefix, swap_halves,
+)
 
 SAI_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -188,8 +190,6 @@ def build_transformer(sai_state: dict, source: str, dtype=None):
 
 def build_vae(ldm_state: dict, source: str, dtype=None):
     """AutoencoderKL from LDM VAE keys through diffusers' single-file loader, config from shapes."""
-    import json
-
     from diffusers import AutoencoderKL
 
     from library.models import sd_ldm_layout as layout
@@ -201,10 +201,7 @@ def build_vae(ldm_state: dict, source: str, dtype=None):
     if config["latent_channels"] != 16:
         raise UserError(f"{source}: the VAE has {config['latent_channels']} latent channels; SD3 uses 16")
     with tempfile.TemporaryDirectory() as folder:
-        os.makedirs(os.path.join(folder, "vae"))
-        with open(os.path.join(folder, "vae", "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f)
-        vae = AutoencoderKL.from_single_file(ldm_state, config=folder, subfolder="vae", local_files_only=True)
+        vae = from_single_file_with_config(AutoencoderKL, ldm_state, config, folder, "vae")
     return vae.to(dtype) if dtype is not None else vae
 
 
@@ -232,24 +229,6 @@ def build_clip(state: dict, big_g: bool, source: str, dtype=None):
     return model
 
 
-def build_t5(state: dict, source: str, dtype=None):
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import T5Config, T5EncoderModel
-
-    from library.models.flux_checkpoint import infer_t5_config
-
-    if "shared.weight" not in state or "encoder.block.0.layer.0.SelfAttention.q.weight" not in state:
-        raise UserError(f"{source} holds no T5 encoder (shared.weight, encoder.block.*)")
-    with init_empty_weights():
-        model = T5EncoderModel(T5Config(**infer_t5_config(state)))
-    state = {k: v.to(dtype or torch.float32) for k, v in state.items()}
-    state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
-    load_exactly(model, state, f"{source}: T5", assign=True)
-    model.tie_weights()
-    return model
-
-
 def _sub(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -260,10 +239,7 @@ def load_text_encoder_file(path: str, key: str, dtype=None):
 
     if key == "t5xxl":
         return load_t5xxl(path, dtype)
-    state = read_safetensors_file(path, f"--{key}")
-    prefix = TEXT_ENCODER_PREFIXES[key]
-    if any(k.startswith(prefix) for k in state):
-        state = _sub(state, prefix)
+    state = strip_prefix(read_safetensors_file(path, f"--{key}"), (TEXT_ENCODER_PREFIXES[key],))
     return build_clip(state, key == "clip_g", f"--{key} {path}", dtype)
 
 
@@ -279,7 +255,7 @@ class SD3Models:
 
 def load_sd3_single_file(path: str, dtype=None, with_vae: bool = True) -> SD3Models:
     """MMDiT and VAE (unless with_vae is False; and the text encoders the file holds) of an SAI single file."""
-    from library.models.flux_checkpoint import read_safetensors_file
+    from library.models.flux_checkpoint import build_t5_encoder, read_safetensors_file
 
     state = read_safetensors_file(path, "--pretrained_model_name_or_path")
     mmdit = _sub(state, SAI_PREFIX) if any(k.startswith(SAI_PREFIX) for k in state) else \
@@ -298,7 +274,7 @@ def load_sd3_single_file(path: str, dtype=None, with_vae: bool = True) -> SD3Mod
         if not part:
             encoders.append(None)
         elif key == "t5xxl":
-            encoders.append(build_t5(part, f"{path} ({key})", dtype))
+            encoders.append(build_t5_encoder(part, f"{path} ({key})", dtype, f"{path} ({key}): T5"))
         else:
             encoders.append(build_clip(part, key == "clip_g", f"{path} ({key})", dtype))
     return SD3Models(transformer, vae, encoders, [None, None, None])

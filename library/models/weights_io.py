@@ -41,12 +41,17 @@ def assert_fully_loaded(model, what: str, source: str) -> None:
         raise UserError(f"{source} is missing {what} weights ({', '.join(missing[:3])}, ...); the file is incomplete")
 
 
+def from_single_file_with_config(model_class, state: dict, config: dict, config_dir: str, subfolder: str):
+    """One part of a single-file checkpoint through diffusers' `from_single_file`, its `config` written to
+    `config_dir/subfolder/config.json` first (nothing read from the hub)."""
+    write_json(os.path.join(config_dir, subfolder, "config.json"), config)
+    return model_class.from_single_file(state, config=config_dir, subfolder=subfolder, local_files_only=True)
+
+
 def load_single_file_part(model_class, state: dict, config: dict, config_dir: str, subfolder: str, what: str,
                           source: str):
-    """One part of a single-file checkpoint through diffusers' `from_single_file`, its `config` written to
-    `config_dir/subfolder/config.json` first; checked complete (`what` names the part in the error)."""
-    write_json(os.path.join(config_dir, subfolder, "config.json"), config)
-    model = model_class.from_single_file(state, config=config_dir, subfolder=subfolder, local_files_only=True)
+    """`from_single_file_with_config`, checked complete (`what` names the part in the error)."""
+    model = from_single_file_with_config(model_class, state, config, config_dir, subfolder)
     assert_fully_loaded(model, what, source)
     return model
 
