@@ -242,10 +242,22 @@ def read_safetensors_file(path: str, flag: str) -> dict:
         raise UserError(f"{flag} {path} is not a readable safetensors file: {e}") from e
 
 
-def load_flux_ae(path: str, dtype=None):
-    """AutoencoderKL from a BFL ae.safetensors (LDM keys, optionally under first_stage_model./vae.)."""
+def build_16_channel_vae(state: dict, scaling_factor: float, shift_factor: float, wrong_channels):
+    """AutoencoderKL from LDM VAE tensors, config from shapes with this latent scale and shift (FLUX's AE, SD3's VAE);
+    other than 16 latent channels -> UserError(wrong_channels(channels))."""
     from diffusers import AutoencoderKL
 
+    from library.models import sd_ldm_layout as layout
+
+    config = {**layout.infer_vae_config(state), "scaling_factor": scaling_factor, "shift_factor": shift_factor}
+    if config["latent_channels"] != 16:
+        raise UserError(wrong_channels(config["latent_channels"]))
+    with tempfile.TemporaryDirectory() as folder:
+        return from_single_file_with_config(AutoencoderKL, state, config, folder, "vae")
+
+
+def load_flux_ae(path: str, dtype=None):
+    """AutoencoderKL from a BFL ae.safetensors (LDM keys, optionally under first_stage_model./vae.)."""
     from library.models import sd_ldm_layout as layout
 
     state = read_safetensors_file(path, "--ae")
@@ -254,12 +266,9 @@ def load_flux_ae(path: str, dtype=None):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if "encoder.conv_in.weight" not in state or not any(k.startswith("encoder.down.") for k in state):
         raise UserError(f"--ae {path} holds no autoencoder in BFL/LDM layout (encoder.down.*)")
-    config = {**layout.infer_vae_config(state), "scaling_factor": FLUX_AE_SCALING_FACTOR,
-              "shift_factor": FLUX_AE_SHIFT_FACTOR}
-    if config["latent_channels"] != 16:
-        raise UserError(f"--ae {path} has {config['latent_channels']} latent channels; FLUX.1 uses the 16-channel AE")
-    with tempfile.TemporaryDirectory() as folder:
-        vae = from_single_file_with_config(AutoencoderKL, state, config, folder, "vae")
+    vae = build_16_channel_vae(state, FLUX_AE_SCALING_FACTOR, FLUX_AE_SHIFT_FACTOR,
+                               lambda channels: f"--ae {path} has {channels} latent channels; "
+                                                "FLUX.1 uses the 16-channel AE")
     if any(p.is_meta for p in vae.parameters()):
         raise UserError(f"--ae {path} is missing autoencoder weights; the file is incomplete")
     return vae.to(dtype) if dtype is not None else vae

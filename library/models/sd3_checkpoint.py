@@ -24,7 +24,7 @@ from typing import Any, Optional
 from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
 from library.models.weights_io import (
-    block_indices, cpu_state_dict, from_single_file_with_config, load_exactly, strip_prefix, swap_halves,
+    block_indices, cpu_state_dict, load_exactly, strip_prefix, swap_halves,
 )
 
 SAI_PREFIX = "model.diffusion_model."
@@ -190,18 +190,12 @@ def build_transformer(sai_state: dict, source: str, dtype=None):
 
 def build_vae(ldm_state: dict, source: str, dtype=None):
     """AutoencoderKL from LDM VAE keys through diffusers' single-file loader, config from shapes."""
-    from diffusers import AutoencoderKL
-
-    from library.models import sd_ldm_layout as layout
+    from library.models.flux_checkpoint import build_16_channel_vae
 
     if "encoder.conv_in.weight" not in ldm_state:
         raise UserError(f"{source} holds no VAE (first_stage_model.encoder.*); SD3 single files include it")
-    config = {**layout.infer_vae_config(ldm_state), "scaling_factor": SD3_VAE_SCALING_FACTOR,
-              "shift_factor": SD3_VAE_SHIFT_FACTOR}
-    if config["latent_channels"] != 16:
-        raise UserError(f"{source}: the VAE has {config['latent_channels']} latent channels; SD3 uses 16")
-    with tempfile.TemporaryDirectory() as folder:
-        vae = from_single_file_with_config(AutoencoderKL, ldm_state, config, folder, "vae")
+    vae = build_16_channel_vae(ldm_state, SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR,
+                               lambda channels: f"{source}: the VAE has {channels} latent channels; SD3 uses 16")
     return vae.to(dtype) if dtype is not None else vae
 
 

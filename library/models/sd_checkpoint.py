@@ -134,16 +134,25 @@ def _check_folder_family(folder: str, full_finetune: bool) -> None:
         raise detect.wrong_family_error(folder, family, full_finetune)
 
 
-def _load_diffusers_parts(source: str, local_only: bool, load_vae: bool) -> SDModels:
+def load_diffusers_unet_and_vae(source: str, local_only: bool, load_vae: bool) -> tuple:
+    """The float32 UNet and (when load_vae, else None) VAE of a diffusers folder or hub id (SD and SDXL)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     common = {"local_files_only": local_only}
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32, **common)
     vae = None
     if load_vae:
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **common)
+    return unet, vae
+
+
+def _load_diffusers_parts(source: str, local_only: bool, load_vae: bool) -> SDModels:
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    common = {"local_files_only": local_only}
+    unet, vae = load_diffusers_unet_and_vae(source, local_only, load_vae)
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32, **common)
     v2 = is_open_clip_text_encoder(text_encoder)
     if not local_only or os.path.isdir(os.path.join(source, "tokenizer")):

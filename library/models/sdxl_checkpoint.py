@@ -128,14 +128,10 @@ def _check_folder_family(folder: str, full_finetune: bool) -> None:
 
 def _load_diffusers_parts(source: str, local_only: bool, load_vae: bool) -> SDXLModels:
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     common = {"local_files_only": local_only}
-    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32, **common)
-    vae = None
-    if load_vae:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, **common)
+    unet, vae = sd.load_diffusers_unet_and_vae(source, local_only, load_vae)
     text_encoder_1 = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32, **common)
     text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
         source, subfolder="text_encoder_2", dtype=torch.float32, **common)
