@@ -5,16 +5,18 @@ deep inside a converter with a shape error. `detect_checkpoint_family(keys)` rec
 users bring (LDM/SGM single files, BFL FLUX files, SAI SD3 files, Lumina 2 files, and their
 diffusers-named equivalents) by the tensor-name markers of the family table
 (library/families/table.py), so a loader can stop early with `wrong_family_error`, which names the
-script that trains that family. Reading keys never loads tensors (`read_checkpoint_keys`).
+script that trains that family. Reading keys never loads tensors (`read_checkpoint_keys`). For diffusers
+folders, `check_diffusers_folder_family` reads the pipeline class in model_index.json instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable
 
 from library.errors import UserError
-from library.families.table import checkpoint_kinds
+from library.families.table import checkpoint_kinds, family_of_pipeline_class
 
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -92,6 +94,19 @@ def check_checkpoint_family(
     if detected != "unknown" and detected not in set(accepted):
         raise wrong_family_error(path, detected, full_finetune)
     return detected
+
+
+def check_diffusers_folder_family(folder: str, family: str, fix: str = "") -> None:
+    """Passes when the folder's model_index.json names a pipeline of `family`; no model_index.json -> UserError
+    (ending in "; `fix`" when given), another family's pipeline -> wrong_family_error."""
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        message = f"{folder} is a folder but not a diffusers model (no model_index.json)"
+        raise UserError(f"{message}; {fix}" if fix else message)
+    with open(index, encoding="utf-8") as f:
+        found = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
+    if found != family:
+        raise wrong_family_error(folder, found)
 
 
 def is_single_file_name(name: str) -> bool:

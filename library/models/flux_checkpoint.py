@@ -420,28 +420,19 @@ def load_flux_models(source: str, clip_l: Optional[str] = None, t5xxl: Optional[
 
 def _load_pipeline_parts(source: str, dtype, load: tuple[bool, bool, bool]):
     """Transformer and (where `load` says so) AE, CLIP-L, T5 and tokenizers of a diffusers folder / hub id."""
-    import json
-
     import torch
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
     from library.models.clip_tokenizer import build_clip_tokenizer
-    from library.families.table import family_of_pipeline_class
     from library.models.hub_cache import cached_snapshot, hub_is_offline
 
     if not os.path.isdir(source) and not detect.looks_like_local_path(source) and hub_is_offline():
         source = cached_snapshot(source, f"FLUX model {source}", "pass local files, or go online once to download it")
     local = os.path.isdir(source)
     if local:
-        index = os.path.join(source, "model_index.json")
-        if not os.path.isfile(index):
-            raise UserError(f"{source} is a folder but not a diffusers model (no model_index.json); pass a FLUX "
-                            "diffusers folder or a flux1-*.safetensors transformer file")
-        with open(index, encoding="utf-8") as f:
-            family = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
-        if family != "flux":
-            raise detect.wrong_family_error(source, family)
+        detect.check_diffusers_folder_family(
+            source, "flux", "pass a FLUX diffusers folder or a flux1-*.safetensors transformer file")
     elif detect.looks_like_local_path(source):
         raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder")
     dtype = dtype or torch.float32

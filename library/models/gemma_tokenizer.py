@@ -4,7 +4,8 @@ Like T5 (library/models/t5_tokenizer.py), no PyPI package ships Gemma's vocabula
 offline users point `--gemma2_tokenizer` at a folder holding `tokenizer.model` or `tokenizer.json`
 (e.g. a diffusers Lumina 2 folder's `tokenizer/`) or at a sentencepiece `.model` file. Without it a
 diffusers folder's own `tokenizer/` is used, else `google/gemma-2-2b` (from the Hugging Face cache when
-the hub is offline, library/models/hub_cache.py); library/models/sentencepiece_tokenizer.py's `TokenizerSource` loads it.
+the hub is offline, library/models/hub_cache.py); library/models/sentencepiece_tokenizer.py's `TokenizerSource`
+loads it.
 `train_sentencepiece_gemma_tokenizer` trains a small sentencepiece model in Gemma's conventions
 (pad 0, eos 1, bos 2, unk 3; a BOS is prepended) for tests and the tiny built-in Lumina 2.
 """

@@ -316,18 +316,10 @@ def _load_pipeline_parts(source: str, dtype, load_vae: bool, load_gemma: bool):
     from diffusers import AutoencoderKL, Lumina2Transformer2DModel
     from transformers import Gemma2Model
 
-    from library.families.table import family_of_pipeline_class
-
     if not os.path.isdir(source):
         raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder (pass the original "
                         "Lumina 2 .safetensors file or a diffusers Lumina2Pipeline folder)")
-    index = os.path.join(source, "model_index.json")
-    if not os.path.isfile(index):
-        raise UserError(f"{source} is a folder but not a diffusers model (no model_index.json)")
-    with open(index, encoding="utf-8") as f:
-        family = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
-    if family != "lumina":
-        raise detect.wrong_family_error(source, family)
+    detect.check_diffusers_folder_family(source, "lumina")
     common = {"local_files_only": True}
     try:
         transformer = Lumina2Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype,

@@ -277,23 +277,14 @@ def load_sd3_single_file(path: str, dtype=None, with_vae: bool = True) -> SD3Mod
 def load_sd3_folder(source: str, dtype, skip_encoders: tuple[bool, bool, bool], with_vae: bool = True) -> SD3Models:
     """Transformer, VAE (unless with_vae is False), tokenizers and (unless skipped) text encoders of a
     diffusers SD3 folder."""
-    import json
-
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-    from library.models.checkpoint_detect import wrong_family_error
-    from library.families.table import family_of_pipeline_class
+    from library.models.checkpoint_detect import check_diffusers_folder_family
 
-    index = os.path.join(source, "model_index.json")
-    if not os.path.isfile(index):
-        raise UserError(f"{source} is a folder but not a diffusers model (no model_index.json); pass an SD3 "
-                        "diffusers folder or an SAI single file (sd3.5_large.safetensors)")
-    with open(index, encoding="utf-8") as f:
-        family = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
-    if family != "sd3":
-        raise wrong_family_error(source, family)
+    check_diffusers_folder_family(
+        source, "sd3", "pass an SD3 diffusers folder or an SAI single file (sd3.5_large.safetensors)")
     dtype = dtype or torch.float32
     common = {"local_files_only": True}
     try:

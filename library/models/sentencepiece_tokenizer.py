@@ -75,8 +75,8 @@ class TokenizerSource:
 
 def train_tiny_sentencepiece(folder: str, file_name: str, corpus: tuple[str, ...], vocab_size: int,
                              **conventions) -> str:
-    """Train a small sentencepiece model on `corpus` into `folder`/`file_name`; `conventions` are the tokenizer's model type and
-    special ids and pieces (SentencePieceTrainer options)."""
+    """Train a small sentencepiece model on `corpus` into `folder`/`file_name`; `conventions` are the tokenizer's
+    model type and special ids and pieces (SentencePieceTrainer options)."""
     import sentencepiece
 
     model = io.BytesIO()
