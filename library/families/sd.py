@@ -23,6 +23,7 @@ from library.families.sd_text import (
     SDTextEncoderOutputsCachingStrategy,
     SDTextEncodingStrategy,
     SDTokenizeStrategy,
+    add_caption_arguments,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,10 +80,7 @@ class SDFamily(ModelFamily):
                            help="train with v-prediction (SD 2.x 768-v models and v-prediction fine-tunes)")
         group.add_argument("--clip_skip", type=int, default=None,
                            help="use the output of the N-th last text-encoder layer (2 = penultimate)")
-        group.add_argument("--max_token_length", type=int, default=None,
-                           help="caption length in tokens: 75 (default), 150 or 225 (chunks of 75)")
-        group.add_argument("--weighted_captions", action="store_true",
-                           help="read (word:1.2), (word) and [word] in captions as attention weights")
+        add_caption_arguments(group)
         group.add_argument("--vae", default=None, help="use this VAE (file, diffusers folder or hub id) instead")
         group.add_argument("--no_half_vae", action="store_true",
                            help="keep the VAE in float32 under fp16/bf16 mixed precision")

@@ -38,13 +38,7 @@ TIMESTEPS = 1000
 
 
 def add_sd3_noise_arguments(parser: argparse.ArgumentParser) -> None:
-    from library.training.flow_matching import (
-        FLOW_HUBER_SCHEDULES,
-        FLOW_LOSS_TYPES,
-        WEIGHTING_SCHEMES,
-        add_hidden_ddpm_flags,
-        add_timestep_range_arguments,
-    )
+    from library.training.flow_matching import WEIGHTING_SCHEMES, add_flow_loss_arguments
 
     group = parser.add_argument_group("SD3 flow matching: timesteps and loss")
     group.add_argument("--weighting_scheme", choices=WEIGHTING_SCHEMES, default=None,
@@ -56,16 +50,7 @@ def add_sd3_noise_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--training_shift", type=float, default=1.0,
                        help="shift of the timestep distribution, s*u/(1+(s-1)*u): >1 noisier (composition), "
                             "<1 cleaner (details); default 1.0")
-    add_timestep_range_arguments(group)
-    group.add_argument("--ip_noise_gamma", type=float, default=None, help="input perturbation noise strength")
-    group.add_argument("--ip_noise_gamma_random_strength", action="store_true",
-                       help="draw the perturbation strength uniformly in [0, ip_noise_gamma) each batch")
-    group.add_argument("--loss_type", choices=FLOW_LOSS_TYPES, default="l2", help="elementwise loss (default l2)")
-    group.add_argument("--huber_schedule", choices=FLOW_HUBER_SCHEDULES, default="constant",
-                       help="Huber threshold over time (huber/smooth_l1 only)")
-    group.add_argument("--huber_c", type=float, default=0.1, help="Huber threshold parameter (default 0.1)")
-    group.add_argument("--huber_scale", type=float, default=1.0, help="multiplier of the Huber threshold")
-    add_hidden_ddpm_flags(parser)
+    add_flow_loss_arguments(parser, group)
 
 
 class SD3NoiseScheme(FlowMatchingNoiseScheme):

@@ -36,6 +36,14 @@ CHUNK_CONTENT = CHUNK_LENGTH - 2
 ALLOWED_MAX_TOKEN_LENGTHS = (75, 150, 225)
 
 
+def add_caption_arguments(group) -> None:
+    """--max_token_length and --weighted_captions: the CLIP caption flags SD and SDXL share."""
+    group.add_argument("--max_token_length", type=int, default=None,
+                       help="caption length in tokens: 75 (default), 150 or 225 (chunks of 75)")
+    group.add_argument("--weighted_captions", action="store_true",
+                       help="read (word:1.2), (word) and [word] in captions as attention weights")
+
+
 def split_into_chunks(ids: "torch.Tensor", tokenizer) -> "torch.Tensor":
     """[max_length] ids of one caption -> [chunks, 77], each chunk wrapped as sd-scripts does."""
     import torch

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from library.errors import UserError
 from library.families.base import LoraTarget, ModelComponents, ModelFamily
-from library.families.sd_text import ALLOWED_MAX_TOKEN_LENGTHS
+from library.families.sd_text import ALLOWED_MAX_TOKEN_LENGTHS, add_caption_arguments
 from library.families.sdxl_text import (
     SDXLLatentsCachingStrategy,
     SDXLTextEncoderOutputsCachingStrategy,
@@ -84,10 +84,7 @@ class SDXLFamily(ModelFamily):
                                 "diffusers model folder, or hub id (needs network)")
         group.add_argument("--v_parameterization", action="store_true",
                            help="train with v-prediction (for v-prediction SDXL models)")
-        group.add_argument("--max_token_length", type=int, default=None,
-                           help="caption length in tokens: 75 (default), 150 or 225 (chunks of 75)")
-        group.add_argument("--weighted_captions", action="store_true",
-                           help="read (word:1.2), (word) and [word] in captions as attention weights")
+        add_caption_arguments(group)
         group.add_argument("--vae", default=None, help="use this VAE (file, diffusers folder or hub id) instead")
         group.add_argument("--no_half_vae", action="store_true",
                            help="keep the VAE in float32 under fp16/bf16 mixed precision (SDXL's VAE "

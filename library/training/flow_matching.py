@@ -109,6 +109,12 @@ def add_flow_matching_arguments(parser: argparse.ArgumentParser, defaults: FlowM
                        help="raw (the velocity, compared with noise - latents), additive (+ noisy input) or "
                             "sigma_scaled (x0 estimate noisy - sigma * output, compared with the latents); "
                             f"default {defaults.model_prediction_type}")
+    add_flow_loss_arguments(parser, group)
+
+
+def add_flow_loss_arguments(parser: argparse.ArgumentParser, group) -> None:
+    """The flags every flow-matching family shares after its timestep flags: the timestep range, input
+    perturbation, the loss and its Huber threshold, and the hidden DDPM-only flags."""
     add_timestep_range_arguments(group)
     group.add_argument("--ip_noise_gamma", type=float, default=None,
                        help="input perturbation noise strength (around 0.1); perturbs the model input only")
