@@ -29,7 +29,7 @@ from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
 from library.models import checkpoint_detect as detect
 from library.models.weights_io import (
-    block_indices, build_transformer_from_state, cpu_state_dict, from_single_file_with_config, load_exactly,
+    TransformerFileLayout, block_indices, build_transformer_from_state, cpu_state_dict, from_single_file_with_config, load_exactly,
     strip_prefix, swap_halves,
 )
 
@@ -195,30 +195,23 @@ def infer_transformer_config(state: dict, source: str = "the checkpoint") -> dic
     }
 
 
-def transformer_state_from_file(state: dict, source: str) -> dict:
-    """Diffusers-named transformer tensors from a BFL file (prefixed or not) or a diffusers-named file."""
-    state = strip_prefix(state, (BFL_PREFIX,))
-    if "img_in.weight" in state:
-        return bfl_to_diffusers(state, source)
-    if "x_embedder.weight" in state:
-        return state
-    raise UserError(f"{source} does not look like a FLUX.1 transformer (no img_in / x_embedder weights)")
-
-
-def build_transformer(state: dict, config: dict, dtype=None, source: str = "the checkpoint"):
-    """FluxTransformer2DModel holding `state`'s tensors (cast to dtype), built without a second copy."""
-    from diffusers import FluxTransformer2DModel
-
-    return build_transformer_from_state(FluxTransformer2DModel, config, state, dtype, source, "FLUX.1 transformer")
+# a BFL file (prefixed or not) or a diffusers-named file
+TRANSFORMER_FILE_LAYOUT = TransformerFileLayout("FLUX.1 transformer", BFL_PREFIX, "img_in.weight", "x_embedder.weight",
+                                                bfl_to_diffusers, "img_in / x_embedder weights")
 
 
 def load_flux_transformer(path: str, dtype=None):
-    """(transformer, is_schnell) from a single file; dtype None keeps the file's dtype (e.g. fp8)."""
+    """(transformer, is_schnell) from a single file; dtype None keeps the file's dtype (e.g. fp8). The model is built
+    on the meta device around the file's tensors: no second copy."""
+    from diffusers import FluxTransformer2DModel
+
     state = read_safetensors_file(path, "--pretrained_model_name_or_path")
     detect.check_checkpoint_family(path, state.keys(), {"flux"})
-    diffusers_state = transformer_state_from_file(state, path)
+    diffusers_state = TRANSFORMER_FILE_LAYOUT.diffusers_state(state, path)
     config = infer_transformer_config(diffusers_state, path)
-    return build_transformer(diffusers_state, config, dtype, path), not config["guidance_embeds"]
+    transformer = build_transformer_from_state(FluxTransformer2DModel, config, diffusers_state, dtype, path,
+                                               "FLUX.1 transformer")
+    return transformer, not config["guidance_embeds"]
 
 
 def is_schnell_file(path: str) -> bool:

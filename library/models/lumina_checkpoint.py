@@ -24,7 +24,7 @@ from typing import Any, Optional
 from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
 from library.models import checkpoint_detect as detect
-from library.models.weights_io import block_indices, build_transformer_from_state, strip_prefix
+from library.models.weights_io import TransformerFileLayout, block_indices, build_transformer_from_state, strip_prefix
 
 ORIGINAL_PREFIX = "model.diffusion_model."
 PATCH_SIZE = 2  # every released Lumina 2 model
@@ -189,30 +189,25 @@ def infer_transformer_config(state: dict, source: str = "the checkpoint") -> dic
     }
 
 
-def transformer_state_from_file(state: dict, source: str) -> dict:
-    state = strip_prefix(state, (ORIGINAL_PREFIX,))
-    if "cap_embedder.1.weight" in state:
-        return original_to_diffusers(state, source)
-    if "time_caption_embed.caption_embedder.1.weight" in state:
-        return state
-    raise UserError(f"{source} does not look like a Lumina 2 transformer (no cap_embedder weights)")
-
-
-def build_transformer(state: dict, config: dict, dtype=None, source: str = "the checkpoint"):
-    """Lumina2Transformer2DModel holding `state`'s tensors (cast to dtype), without a second copy."""
-    from diffusers import Lumina2Transformer2DModel
-
-    return build_transformer_from_state(Lumina2Transformer2DModel, config, state, dtype, source,
-                                        "Lumina 2 transformer")
+# the original layout (with or without ComfyUI's prefix) or diffusers names
+TRANSFORMER_FILE_LAYOUT = TransformerFileLayout("Lumina 2 transformer", ORIGINAL_PREFIX, "cap_embedder.1.weight",
+                                                "time_caption_embed.caption_embedder.1.weight", original_to_diffusers,
+                                                "cap_embedder weights")
 
 
 def load_lumina_transformer(path: str, dtype=None):
+    """Lumina2Transformer2DModel from a single file (cast to dtype), built on the meta device around the file's
+    tensors: no second copy."""
+    from diffusers import Lumina2Transformer2DModel
+
     from library.models.flux_checkpoint import read_safetensors_file
 
     state = read_safetensors_file(path, "--pretrained_model_name_or_path")
     detect.check_checkpoint_family(path, state.keys(), {"lumina"})
-    diffusers_state = transformer_state_from_file(state, path)
-    return build_transformer(diffusers_state, infer_transformer_config(diffusers_state, path), dtype, path)
+    diffusers_state = TRANSFORMER_FILE_LAYOUT.diffusers_state(state, path)
+    config = infer_transformer_config(diffusers_state, path)
+    return build_transformer_from_state(Lumina2Transformer2DModel, config, diffusers_state, dtype, path,
+                                        "Lumina 2 transformer")
 
 
 def save_lumina_transformer_original(transformer, path: str, dtype=None, metadata: Optional[dict] = None,

@@ -164,10 +164,16 @@ def _load_diffusers_parts(source: str, local_only: bool, load_vae: bool) -> SDMo
 
 def load_sd_diffusers_folder(folder: str, load_vae: bool = True, full_finetune: bool = False) -> SDModels:
     _check_folder_family(folder, full_finetune)
+    return load_local_parts(folder, load_vae, _load_diffusers_parts, "diffusers model")
+
+
+def load_local_parts(folder: str, load_vae: bool, load_parts, model_name: str):
+    """`load_parts` on a local diffusers folder (SD and SDXL); one diffusers cannot read -> UserError naming
+    `model_name`."""
     try:
-        return _load_diffusers_parts(folder, local_only=True, load_vae=load_vae)
+        return load_parts(folder, local_only=True, load_vae=load_vae)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load the diffusers model in {folder}: {e}") from e
+        raise UserError(f"could not load the {model_name} in {folder}: {e}") from e
 
 
 OFFLINE_FIX = "pass a local .safetensors file or diffusers folder, or go online once to download it"

@@ -146,10 +146,7 @@ def _load_diffusers_parts(source: str, local_only: bool, load_vae: bool) -> SDXL
 
 def load_sdxl_diffusers_folder(folder: str, load_vae: bool = True, full_finetune: bool = False) -> SDXLModels:
     _check_folder_family(folder, full_finetune)
-    try:
-        return _load_diffusers_parts(folder, local_only=True, load_vae=load_vae)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load the diffusers SDXL model in {folder}: {e}") from e
+    return sd.load_local_parts(folder, load_vae, _load_diffusers_parts, "diffusers SDXL model")
 
 
 def load_sdxl_from_hub(repo_id: str, load_vae: bool = True) -> SDXLModels:

@@ -5,7 +5,8 @@ completeness checks after loading (`assert_fully_loaded` for diffusers' single-f
 leave missing parameters on the meta device; `load_exactly` for `load_state_dict`;
 `build_transformer_from_state`, a transformer built on the meta device around given tensors;
 `load_single_file_part` through diffusers' `from_single_file` with a written config), `strip_prefix`,
-`write_json` for temporary config folders, the layout-conversion helpers `block_indices` and `swap_halves`,
+`write_json` for temporary config folders, the layout-conversion helpers `TransformerFileLayout` (which layout a
+transformer file is in), `block_indices` and `swap_halves`,
 and `cast_tensor` / `cpu_state_dict`, which move weights to the CPU and cast floating-point tensors only
 (integer buffers keep their dtype).
 """
@@ -15,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from library.errors import UserError
 
@@ -84,6 +86,28 @@ def build_transformer_from_state(model_class, config: dict, state: dict, dtype, 
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     return model
+
+
+@dataclass(frozen=True)
+class TransformerFileLayout:
+    """How one family's transformer single files name their tensors: the original layout (optionally under
+    `prefix`, marked by `original_key`, renamed by `to_diffusers(state, source)`) or diffusers' (`diffusers_key`)."""
+
+    model_name: str  # "FLUX.1 transformer"
+    prefix: str
+    original_key: str
+    diffusers_key: str
+    to_diffusers: Callable
+    markers: str  # what neither layout's marker was, for the error ("img_in / x_embedder weights")
+
+    def diffusers_state(self, state: dict, source: str) -> dict:
+        """The file's transformer tensors under diffusers names; neither layout -> UserError."""
+        state = strip_prefix(state, (self.prefix,))
+        if self.original_key in state:
+            return self.to_diffusers(state, source)
+        if self.diffusers_key in state:
+            return state
+        raise UserError(f"{source} does not look like a {self.model_name} (no {self.markers})")
 
 
 def block_indices(keys, prefix: str, within: str = "") -> list[int]:
