@@ -29,8 +29,8 @@ from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
 from library.models import checkpoint_detect as detect
 from library.models.weights_io import (
-    TransformerFileLayout, block_indices, build_transformer_from_state, cpu_state_dict, from_single_file_with_config, load_exactly,
-    strip_prefix, swap_halves,
+    TransformerFileLayout, block_indices, build_transformer_from_state, cpu_state_dict, from_single_file_with_config,
+    load_exactly, pop_required, strip_prefix, swap_halves,
 )
 
 BFL_PREFIX = "model.diffusion_model."
@@ -121,9 +121,7 @@ def bfl_to_diffusers(state: dict, source: str = "the checkpoint") -> dict:
     out = {}
 
     def take(key):
-        if key not in state:
-            raise UserError(f"{source} is missing the FLUX transformer tensor {key}; the file is incomplete")
-        return state.pop(key)
+        return pop_required(state, key, source, "FLUX transformer")
 
     for bfl_list, diffusers_list, linears, norms in BLOCK_LISTS:
         for i in block_indices(state, bfl_list):

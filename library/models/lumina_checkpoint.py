@@ -24,7 +24,9 @@ from typing import Any, Optional
 from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
 from library.models import checkpoint_detect as detect
-from library.models.weights_io import TransformerFileLayout, block_indices, build_transformer_from_state, strip_prefix
+from library.models.weights_io import (
+    TransformerFileLayout, block_indices, build_transformer_from_state, pop_required, strip_prefix,
+)
 
 ORIGINAL_PREFIX = "model.diffusion_model."
 PATCH_SIZE = 2  # every released Lumina 2 model
@@ -78,6 +80,13 @@ def diffusers_to_original_module(path: str) -> Optional[str]:
     return next((original for original, diffusers in GLOBAL_LINEARS.items() if diffusers == path), None)
 
 
+def _blocks(state: dict):
+    """("layers.0.", "layers") and so on: the key prefix and block list of every block in `state`."""
+    for block_list in BLOCK_LISTS:
+        for i in block_indices(state, block_list):
+            yield f"{block_list}.{i}.", block_list
+
+
 def qkv_row_sizes(rows: int, hidden: int) -> list[int]:
     """(q, k, v) rows of a fused qkv: q is the model width, k and v share the rest (grouped-query attention)."""
     if rows <= hidden or (rows - hidden) % 2:
@@ -95,26 +104,18 @@ def original_to_diffusers(state: dict, source: str = "the checkpoint") -> dict:
         raise UserError(f"{source} does not look like a Lumina 2 transformer (no x_embedder weights)")
     hidden = state["x_embedder.weight"].shape[0]
     out = {}
-
-    def take(key):
-        if key not in state:
-            raise UserError(f"{source} is missing the Lumina 2 tensor {key}; the file is incomplete")
-        return state.pop(key)
-
-    for block_list in BLOCK_LISTS:
-        for i in block_indices(state, block_list):
-            prefix = f"{block_list}.{i}."
-            for original, members in BLOCK_LINEARS.items():
-                for kind in ("weight", "bias"):
-                    key = f"{prefix}{original}.{kind}"
-                    if key not in state:
-                        continue
-                    tensor = state.pop(key)
-                    sizes = qkv_row_sizes(tensor.shape[0], hidden) if len(members) > 1 else [tensor.shape[0]]
-                    for member, part in zip(members, tensor.split(sizes, dim=0)):
-                        out[f"{prefix}{member}.{kind}"] = part
-            for original, diffusers in {**BLOCK_NORMS, "attention_norm1": _norm1_name(block_list)}.items():
-                out[f"{prefix}{diffusers}.weight"] = take(f"{prefix}{original}.weight")
+    for prefix, block_list in _blocks(state):
+        for original, members in BLOCK_LINEARS.items():
+            for kind in ("weight", "bias"):
+                key = f"{prefix}{original}.{kind}"
+                if key not in state:
+                    continue
+                tensor = state.pop(key)
+                sizes = qkv_row_sizes(tensor.shape[0], hidden) if len(members) > 1 else [tensor.shape[0]]
+                for member, part in zip(members, tensor.split(sizes, dim=0)):
+                    out[f"{prefix}{member}.{kind}"] = part
+        for original, diffusers in {**BLOCK_NORMS, "attention_norm1": _norm1_name(block_list)}.items():
+            out[f"{prefix}{diffusers}.weight"] = pop_required(state, f"{prefix}{original}.weight", source, "Lumina 2")
     for table in (GLOBAL_LINEARS, GLOBAL_NORMS):
         for original, diffusers in table.items():
             for kind in ("weight", "bias"):
@@ -130,16 +131,14 @@ def diffusers_to_original(state: dict) -> dict:
     import torch
 
     out = {}
-    for block_list in BLOCK_LISTS:
-        for i in block_indices(state, block_list):
-            prefix = f"{block_list}.{i}."
-            for original, members in BLOCK_LINEARS.items():
-                for kind in ("weight", "bias"):
-                    parts = [state.get(f"{prefix}{member}.{kind}") for member in members]
-                    if parts[0] is not None:
-                        out[f"{prefix}{original}.{kind}"] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-            for original, diffusers in {**BLOCK_NORMS, "attention_norm1": _norm1_name(block_list)}.items():
-                out[f"{prefix}{original}.weight"] = state[f"{prefix}{diffusers}.weight"]
+    for prefix, block_list in _blocks(state):
+        for original, members in BLOCK_LINEARS.items():
+            for kind in ("weight", "bias"):
+                parts = [state.get(f"{prefix}{member}.{kind}") for member in members]
+                if parts[0] is not None:
+                    out[f"{prefix}{original}.{kind}"] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        for original, diffusers in {**BLOCK_NORMS, "attention_norm1": _norm1_name(block_list)}.items():
+            out[f"{prefix}{original}.weight"] = state[f"{prefix}{diffusers}.weight"]
     for table in (GLOBAL_LINEARS, GLOBAL_NORMS):
         for original, diffusers in table.items():
             for kind in ("weight", "bias"):

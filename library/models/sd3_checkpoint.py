@@ -103,17 +103,21 @@ def _swapped_modules(state: dict, prefix: str, context_output: str) -> set[str]:
     return swapped
 
 
+def _module_tensors(state: dict, pos_embed_key: str):
+    """(key, module, param, tensor) of every tensor but the position embedding (a parameter of no module)."""
+    for key, tensor in state.items():
+        if key != pos_embed_key:
+            module, _, param = key.rpartition(".")
+            yield key, module, param, tensor
+
+
 # ---- transformer: SAI <-> diffusers -----------------------------------------------------------------
 
 def sai_to_diffusers(state: dict, source: str = "the checkpoint") -> dict:
     """MMDiT tensors (prefix removed) -> diffusers SD3Transformer2DModel names."""
     swapped = _swapped_modules(state, "joint_blocks", "context_block.attn.proj")
-    out = {}
-    for key, tensor in state.items():
-        if key == "pos_embed":
-            out["pos_embed.pos_embed"] = tensor
-            continue
-        module, _, param = key.rpartition(".")
+    out = {"pos_embed.pos_embed": state["pos_embed"]} if "pos_embed" in state else {}
+    for key, module, param, tensor in _module_tensors(state, "pos_embed"):
         members = sai_members(module)
         if members is None or param not in ("weight", "bias"):
             raise UserError(f"{source}: unexpected MMDiT tensor {key}; the file is not an SD3/SD3.5 checkpoint")
@@ -130,12 +134,8 @@ def diffusers_to_sai(state: dict) -> dict:
 
     swapped = _swapped_modules(state, "transformer_blocks", "attn.to_add_out")
     groups: dict[tuple[str, str], dict[int, Any]] = {}
-    out = {}
-    for key, tensor in state.items():
-        if key == "pos_embed.pos_embed":
-            out["pos_embed"] = tensor
-            continue
-        module, _, param = key.rpartition(".")
+    out = {"pos_embed": state["pos_embed.pos_embed"]} if "pos_embed.pos_embed" in state else {}
+    for key, module, param, tensor in _module_tensors(state, "pos_embed.pos_embed"):
         sai = diffusers_to_sai_module(module)
         if sai is None:
             raise ValueError(f"diffusers SD3 tensor {key} has no SAI name")

@@ -6,7 +6,7 @@ leave missing parameters on the meta device; `load_exactly` for `load_state_dict
 `build_transformer_from_state`, a transformer built on the meta device around given tensors;
 `load_single_file_part` through diffusers' `from_single_file` with a written config), `strip_prefix`,
 `write_json` for temporary config folders, the layout-conversion helpers `TransformerFileLayout` (which layout a
-transformer file is in), `block_indices` and `swap_halves`,
+transformer file is in), `pop_required`, `block_indices` and `swap_halves`,
 and `cast_tensor` / `cpu_state_dict`, which move weights to the CPU and cast floating-point tensors only
 (integer buffers keep their dtype).
 """
@@ -108,6 +108,13 @@ class TransformerFileLayout:
         if self.diffusers_key in state:
             return state
         raise UserError(f"{source} does not look like a {self.model_name} (no {self.markers})")
+
+
+def pop_required(state: dict, key: str, source: str, what: str):
+    """`state.pop(key)`; a missing key -> UserError: `source` is missing the `what` tensor `key`."""
+    if key not in state:
+        raise UserError(f"{source} is missing the {what} tensor {key}; the file is incomplete")
+    return state.pop(key)
 
 
 def block_indices(keys, prefix: str, within: str = "") -> list[int]:
