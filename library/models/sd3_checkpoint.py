@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
