@@ -11,7 +11,8 @@ chunks that never triggers, because it compares token ids with a string; we matc
 `--clip_skip N` takes hidden_states[-N] and applies the final layer norm. Weighted captions multiply
 each content position's hidden state by its weight, nothing more: sd-scripts' training rule (its
 strategy_sd encode_tokens_with_weights) and ours for SDXL. The mean restoration of sd-scripts'
-inference helper (get_weighted_text_embeddings) is not applied, see docs/sd.md.
+inference helper (get_weighted_text_embeddings) is not applied, see docs/sd.md. `add_caption_arguments`
+registers the two caption flags, --max_token_length and --weighted_captions, for SD and SDXL alike.
 """
 
 from __future__ import annotations

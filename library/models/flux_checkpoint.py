@@ -14,7 +14,8 @@ names; networks/ reuses them for LoRA names (a fused BFL linear = several diffus
   from shapes (library/models/sd_ldm_layout.py) and FLUX's scale 0.3611 / shift 0.1159.
 - CLIP-L (`clip_l.safetensors`) and T5 (`t5xxl_fp16`/fp8): transformers key names, configs read from
   shapes, fp8 upcast to the requested dtype.
-Writers produce the same layouts (tests use them to make single files from tiny models).
+Writers produce the same layouts (tests use them to make single files from tiny models). SD3 reuses the
+T5 encoder (`build_t5_encoder`) and the 16-channel VAE (`build_16_channel_vae`) builders.
 """
 
 from __future__ import annotations

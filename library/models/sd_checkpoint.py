@@ -9,6 +9,8 @@ temporary config folder, and each part converted by diffusers' own single-file l
 calls `StableDiffusionPipeline.from_single_file(path, config=...)` makes, without reading twice.
 Outputs: `save_sd_single_file` (one LDM-layout .safetensors, atomic), `save_sd_diffusers_folder` (a
 complete pipeline folder written aside and renamed into place), `build_sd_pipeline` for sampling.
+SDXL (library/models/sdxl_checkpoint.py) reuses the loading steps with its own parts: `load_from_source`,
+`load_from_hub`, `load_local_parts`, `load_diffusers_unet_and_vae` and `load_vae_from_ldm_state`.
 """
 
 from __future__ import annotations
