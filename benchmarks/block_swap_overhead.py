@@ -9,7 +9,6 @@ swapper's hooks, schedule, buffer pool and saved-weight references, without any 
 the transfers themselves overlap with compute on a side stream. `--full` measures full fine-tuning
 (`trains_weights`: gradients follow their block) instead of a LoRA. The two models are timed in
 alternating rounds and the median step of each is reported, so load from other jobs hits both alike.
-Also holds the FLUX builders that benchmarks/block_swap_cuda.py reuses.
 
 Run: python benchmarks/block_swap_overhead.py [--heads 4 --image_tokens 64 --blocks_to_swap 8 --full]
 """

@@ -27,6 +27,13 @@ def train(family_mode, model, images, output_dir, *extra):
     ])
 
 
+def run_to_run_tolerance(learning_rate: float, steps: int) -> float:
+    """How far two runs with the same seed may drift apart. On the CPU they are bit-identical (0). On CUDA some
+    kernels (cuDNN convolution backward) are nondeterministic, and AdamW moves a weight by up to about the
+    learning rate per step whatever the gradient's size, so two runs can differ by up to 2 x lr x steps."""
+    return 2 * learning_rate * steps if torch.cuda.is_available() else 0.0
+
+
 def lora_args(*extra):
     return ["--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "2",
             "--network_args", "conv_dim=2", "conv_alpha=1", *extra]
@@ -96,13 +103,14 @@ def test_full_finetune_single_file_and_diffusers_folder_agree(tiny_sd15_folder, 
                                                       config=tiny_sd15_folder, local_files_only=True)
     folder = StableDiffusionPipeline.from_pretrained(str(tmp_path / "df" / "out"), local_files_only=True)
     original = UNet2DConditionModel.from_pretrained(tiny_sd15_folder, subfolder="unet", local_files_only=True)
+    tolerance = run_to_run_tolerance(1e-3, 2)
     for name, weight in folder.unet.state_dict().items():
-        torch.testing.assert_close(single.unet.state_dict()[name], weight, atol=0, rtol=0)
+        torch.testing.assert_close(single.unet.state_dict()[name], weight, atol=tolerance, rtol=0)
     changed = [n for n, w in folder.unet.state_dict().items() if not torch.equal(w, original.state_dict()[n])]
     assert len(changed) > 100  # the fine-tune really changed the UNet
     te_single = single.text_encoder.state_dict()
     for name, weight in folder.text_encoder.state_dict().items():
-        torch.testing.assert_close(te_single[name], weight, atol=0, rtol=0)
+        torch.testing.assert_close(te_single[name], weight, atol=tolerance, rtol=0)
 
 
 def test_resume_from_state_matches_uninterrupted_run(tiny_sd15_folder, demo_image_root, tmp_path):
@@ -118,7 +126,7 @@ def test_resume_from_state_matches_uninterrupted_run(tiny_sd15_folder, demo_imag
     resumed = load_file(tmp_path / "resumed" / "out.safetensors")
     assert uninterrupted.keys() == resumed.keys()
     worst = max((uninterrupted[k] - resumed[k]).abs().max().item() for k in uninterrupted)
-    assert worst < 1e-6
+    assert worst <= max(1e-6, run_to_run_tolerance(1e-3, 3))  # steps 4-6 ran twice
     step3 = load_file(tmp_path / "full" / "out-step00000003.safetensors")
     assert any(not torch.equal(step3[k], uninterrupted[k]) for k in step3)  # steps 4-6 did train
     final_state = json.loads((tmp_path / "resumed" / "out-state" / "train_state.json").read_text())

@@ -58,7 +58,7 @@ def pipeline_from(folder):
 def assert_same_weights(model, reference):
     reference = reference.state_dict()
     for name, weight in model.state_dict().items():
-        torch.testing.assert_close(weight, reference[name], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(weight, reference[name].to(weight.device), atol=0, rtol=0, msg=name)
 
 
 def test_lora_unet_and_both_text_encoders_load_exactly_in_diffusers(tiny_sdxl, demo_image_root, tmp_path):
@@ -127,7 +127,7 @@ def test_full_finetune_single_file_and_diffusers_folder_hold_the_trained_weights
         assert_same_weights(getattr(loaded, name), part)
     assert_same_weights(pipe.text_encoder, trained.text_encoders[0])  # --learning_rate_te1 0: frozen
     for before, after in ((pipe.unet, trained.denoiser), (pipe.text_encoder_2, trained.text_encoders[1])):
-        changed = [n for n, w in after.state_dict().items() if not torch.equal(w, before.state_dict()[n])]
+        changed = [n for n, w in after.state_dict().items() if not torch.equal(w.cpu(), before.state_dict()[n])]
         assert len(changed) > 20
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"

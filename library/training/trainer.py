@@ -41,6 +41,16 @@ def move_module(module, device, dtype) -> None:
         module.to(dtype=dtype)
 
 
+def disable_cudnn_attention(device) -> None:
+    """Training attention runs on torch's flash / memory-efficient kernels, not cuDNN's: torch 2.11 prefers cuDNN
+    attention on Hopper GPUs, and its backward fails at FLUX.1's real size (24 heads of 128, 4096 + 512 tokens:
+    "mha_graph.execute(...).is_good()", then an illegal memory access; measured on an H200, 2026-12-04)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def trigger_word_for_samples(args, dataset) -> str | None:
     """--trigger_word, else the first subset that sets one."""
     if getattr(args, "trigger_word", None):
@@ -152,6 +162,7 @@ class Trainer:
         seed_everything(seed)  # network initialisation, before any state is loaded, is then reproducible
 
         accelerator = build_accelerator(args)
+        disable_cudnn_attention(accelerator.device)
         dataset, validation_dataset = self._load_datasets(seed, accelerator.num_processes)
         num_batches, steps_per_epoch, max_steps = self._step_counts(dataset)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
