@@ -151,7 +151,7 @@ def choose_device(args: argparse.Namespace):
 def place_components(family, components, args, device, dtype) -> None:
     """Everything on the device (the denoiser the family's way: block swap, fp8), or left in CPU
     memory for diffusers' model CPU offload."""
-    from library.training.trainer import move_module
+    from library.devices import move_module
 
     if args.cpu_offload:
         for module in [components.denoiser, components.vae, *components.text_encoders]:
@@ -165,7 +165,7 @@ def place_components(family, components, args, device, dtype) -> None:
 def load_model(family, args, device):
     from library.lora_fuse import FusedLoras
     from library.lora_merge import load_loras
-    from library.training.trainer import torch_dtype
+    from library.devices import torch_dtype
 
     dtype = torch_dtype(args.mixed_precision)
     components = family.load(args)
