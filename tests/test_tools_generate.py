@@ -122,3 +122,67 @@ def test_sd_two_loras_in_two_layouts_match_diffusers_fused_weights(tiny_sd15_fol
     assert np.abs(pixels(plain[0]) - pixels(with_loras[0])).max() > 10  # the LoRAs change the picture
     text = Image.open(with_loras[0]).text["parameters"]
     assert text.splitlines()[0] == "a red cat" and "Seed: 5" in text and "Lora: first:0.8, second_comfy:0.5" in text
+
+
+# ---- SDXL, FLUX, SD3, Lumina 2: one kohya LoRA against diffusers' loader -----------------------------
+
+def save_tiny(family_name, folder):
+    from library.tiny_models import flux, lumina, sd3, sdxl
+
+    savers = {"sdxl": sdxl.save_tiny_sdxl_pipeline, "flux": flux.save_tiny_flux_pipeline,
+              "sd3": sd3.save_tiny_sd3_pipeline, "lumina": lumina.save_tiny_lumina_pipeline}
+    return savers[family_name](folder)
+
+
+def loaded_family(family_name, folder):
+    from library.families import get_family
+    from library.tools_common import parse_tool_args
+    from tools.generate import build_parser
+
+    family = get_family(family_name)
+    args = parse_tool_args(family, build_parser(family), ["--pretrained_model_name_or_path", folder, "--prompt", "x",
+                                                          "--outdir", "o"])
+    args.mixed_precision = "no"
+    return family, args, family.load(args)
+
+
+@pytest.mark.parametrize("family_name, reference_layout, unet_only", [
+    ("sdxl", "kohya", False), ("flux", "diffusers", False), ("sd3", "diffusers", False), ("lumina", "diffusers", True),
+])
+def test_lora_matches_diffusers_fused_weights(family_name, reference_layout, unet_only, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from library.lora_formats import convert_lora_file
+    from library.training.sampling import SamplePrompt
+
+    folder = save_tiny(family_name, str(tmp_path / "model"))
+    family, args, components = loaded_family(family_name, folder)
+    lora = random_lora_on(family, components, tmp_path / "lora.safetensors", seed=3, unet_only=unet_only)
+    reference_lora = str(tmp_path / "reference_lora.safetensors")
+    convert_lora_file(lora, reference_lora, reference_layout, family)
+
+    plain = tool(folder, tmp_path / "plain", "--prompt", "a red cat", "--seed", "7", "--scale", "4",
+                 "--sampler", "euler", family=family_name)
+    with_lora = tool(folder, tmp_path / "lora", "--prompt", "a red cat", "--seed", "7", "--scale", "4",
+                     "--sampler", "euler", "--loras", lora, "--ratios", "0.7", family=family_name)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.scheduler = family.sampling_scheduler(components, "euler")
+    kwargs = family.sample_pipeline_kwargs(SamplePrompt("a red cat", scale=4.0), args)
+    assert_same_image(plain[0], reference_image(pipe, "a red cat", 7, **kwargs))
+    pipe.load_lora_weights(reference_lora)
+    pipe.fuse_lora(components=pipe._lora_loadable_modules, lora_scale=0.7)  # FLUX fuses only the transformer by default
+    assert_same_image(with_lora[0], reference_image(pipe, "a red cat", 7, **kwargs))
+    assert np.abs(pixels(plain[0]) - pixels(with_lora[0])).max() > 10
+
+
+def random_lora_on(family, components, path, seed, unet_only=False):
+    from networks.lora import create_network
+
+    network = create_network(family.lora_targets(components), network_dim=4, network_alpha=2,
+                             train_text_encoder=not unet_only)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in network.named_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    network.save_weights(str(path), None, {})
+    return str(path)
