@@ -186,3 +186,105 @@ def random_lora_on(family, components, path, seed, unet_only=False):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     network.save_weights(str(path), None, {})
     return str(path)
+
+
+# ---- img2img, sweep, memory options, prompt files -----------------------------------------------------
+
+def test_img2img_strength_zero_is_the_vae_round_trip_and_strength_changes_it(tiny_sd15_folder, tmp_path):
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import VaeImageProcessor
+
+    source = tmp_path / "photo.png"
+    values = np.random.default_rng(0).integers(0, 256, (80, 72, 3), dtype=np.uint8)
+    Image.fromarray(values).save(source)
+    kept = tool(tiny_sd15_folder, tmp_path / "zero", "--prompt", "a cat", "--seed", "1",
+                "--image_path", str(source), "--strength", "0")
+    vae = AutoencoderKL.from_pretrained(tiny_sd15_folder, subfolder="vae")
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    with torch.no_grad():
+        latents = vae.encode(processor.preprocess(Image.open(source).convert("RGB").resize((SIZE, SIZE)))).latent_dist.mode()
+        expected = processor.postprocess(vae.decode(latents).sample, output_type="pil")[0]
+    assert_same_image(kept[0], expected)
+    repainted = tool(tiny_sd15_folder, tmp_path / "half", "--prompt", "a cat", "--seed", "1",
+                     "--image_path", str(source), "--strength", "1", "--steps", "2")
+    assert Image.open(repainted[0]).size == (SIZE, SIZE)
+    assert np.abs(pixels(repainted[0]) - pixels(kept[0])).max() > 10
+    assert "Denoising strength: 1.0" in Image.open(repainted[0]).text["parameters"]
+
+
+def test_sweep_writes_every_strength_and_a_contact_sheet(tiny_sd15_folder, sd_loras, tmp_path):
+    first, _, _ = sd_loras
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red cat --d 11\na blue dog --n blurry --d 12 --l 5\n")
+    paths = tool(tiny_sd15_folder, tmp_path / "out", "--from_file", str(prompts), "--loras", first,
+                 "--ratios", "0.5", "--ratios_sweep", "0,1", "--sampler", "euler")
+    images, sheet = paths[:-1], paths[-1]
+    assert len(images) == 4 and sheet.endswith("_contact_sheet.png")
+    assert Image.open(sheet).size == (2 * SIZE, 2 * (SIZE + 14))  # columns: strengths, rows: prompts
+    texts = {os.path.basename(p): Image.open(p).text["parameters"] for p in images}
+    zero = [name for name in texts if name.endswith("_s0.png")]
+    assert len(zero) == 2 and all("Lora: first:0" in texts[name] for name in zero)
+    dog = next(name for name in texts if "_001_00_12_s1.png" in name)
+    assert texts[dog].splitlines()[:2] == ["a blue dog", "Negative prompt: blurry"]
+    assert "CFG scale: 5.0" in texts[dog] and "Seed: 12" in texts[dog] and "Lora: first:0.5" in texts[dog]
+    # strength 0 of the sweep is the model without the LoRA, and strength 1 the LoRA at its ratio
+    plain = tool(tiny_sd15_folder, tmp_path / "plain", "--prompt", "a red cat --d 11", "--sampler", "euler")
+    at_one = tool(tiny_sd15_folder, tmp_path / "one", "--prompt", "a red cat --d 11", "--sampler", "euler",
+                  "--loras", first, "--ratios", "0.5")
+    cat = {name[-6:]: path for name, path in zip(texts, images) if "_000_00_11_" in name}
+    assert_same_image(cat["s0.png"], plain[0], levels=0)
+    assert_same_image(cat["s1.png"], at_one[0], levels=0)
+
+
+def test_cpu_offload_gives_the_same_image(tiny_sd15_folder, tmp_path):
+    plain = tool(tiny_sd15_folder, tmp_path / "a", "--prompt", "a cat", "--seed", "4", "--device", "cpu")
+    offloaded = tool(tiny_sd15_folder, tmp_path / "b", "--prompt", "a cat", "--seed", "4", "--device", "cpu",
+                     "--cpu_offload")
+    assert_same_image(offloaded[0], plain[0], levels=0)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "give the prompts with --prompt TEXT or --from_file FILE"),
+    (["--prompt", "a", "--ratios_sweep", "0,1"], "--ratios_sweep varies the strength of --loras"),
+    (["--prompt", "a", "--loras", "missing.safetensors"], "--loras missing.safetensors: no such file"),
+    (["--prompt", "a", "--ratios", "0.5"], "--ratios has 1 values for 0 --loras"),
+    (["--prompt", "a", "--strength", "1.5", "--image_path", "x.png"], "--strength must be between 0 and 1"),
+    (["--prompt", "a", "--image_path", "missing.png"], "--image_path missing.png: no such file"),
+    (["--prompt", "a --q 3"], "unknown prompt option --q"),
+    (["--prompt", "a", "--W", "0"], "--W must be at least 1"),
+])
+def test_bad_flags(tiny_sd15_folder, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        generate(["--pretrained_model_name_or_path", tiny_sd15_folder, "--outdir", str(tmp_path), *extra])
+
+
+def test_bad_inputs_after_loading(tiny_sd15_folder, sd_loras, tmp_path):
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), "red").save(source)
+    with pytest.raises(UserError, match="runs no denoising step"):
+        tool(tiny_sd15_folder, tmp_path, "--prompt", "a", "--image_path", str(source), "--strength", "0.2")
+    sdxl_lora = tmp_path / "not_sd.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(4, 64),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(64, 4)}, str(sdxl_lora))
+    with pytest.raises(UserError, match="not_sd.safetensors"):
+        tool(tiny_sd15_folder, tmp_path, "--prompt", "a", "--loras", str(sdxl_lora))
+    result = run_script("tools/generate.py", "--pretrained_model_name_or_path", tiny_sd15_folder, "--outdir",
+                        str(tmp_path), "--prompt", "a", "--loras", str(tmp_path / "missing.safetensors"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: --loras {tmp_path / 'missing.safetensors'}: no such file"
+
+
+def test_lumina_img2img_and_cpu_block_swap_are_refused(tmp_path):
+    folder = save_tiny("lumina", str(tmp_path / "lumina"))
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64), "red").save(source)
+    with pytest.raises(UserError, match="no image-to-image pipeline for Lumina"):
+        tool(folder, tmp_path / "out", "--prompt", "a", "--image_path", str(source), "--strength", "0.5",
+             family="lumina")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="blocks_to_swap"):
+            tool(folder, tmp_path / "out", "--prompt", "a", "--blocks_to_swap", "1", family="lumina")
