@@ -7,27 +7,16 @@ tokenizer, a WordPiece vocabulary for BLIP's BERT tokenizer), so nothing is down
 
 import torch
 
+from library.models.clip_tokenizer import bytes_to_unicode
+
 IMAGE_SIDE = 16
-
-
-def _byte_level_chars() -> list[str]:
-    """GPT-2's printable stand-ins for the 256 bytes (what a byte-level BPE vocabulary starts with)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in chars]
 
 
 def save_tiny_florence2(folder: str, seed: int = 0) -> str:
     from transformers import (BartTokenizer, CLIPImageProcessorPil, Florence2Config,
                               Florence2ForConditionalGeneration, Florence2Processor)
 
-    tokens = ["<s>", "<pad>", "</s>", "<unk>"] + _byte_level_chars() + ["<mask>"]
+    tokens = ["<s>", "<pad>", "</s>", "<unk>"] + bytes_to_unicode() + ["<mask>"]
     tokenizer = BartTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[],
                               extra_special_tokens={"image_token": "<image>"})
     image_processor = CLIPImageProcessorPil(size={"height": IMAGE_SIDE, "width": IMAGE_SIDE}, do_center_crop=False)

@@ -33,27 +33,10 @@ def assert_same_image(ours, reference, levels=1):
     assert difference.max() <= levels, f"images differ by up to {difference.max()} levels"
 
 
-def random_lora(family_name, folder, path, seed, extra_args=(), conv_dim=None):
+def random_lora(family_name, folder, path, seed, conv_dim=None):
     """A LoRA on every module our training would give LoRA to, all weights random (non-zero)."""
-    from library.families import get_family
-    from library.tools_common import parse_tool_args
-    from networks.lora import create_network
-    from tools.generate import build_parser
-
-    family = get_family(family_name)
-    args = parse_tool_args(family, build_parser(family),
-                           ["--pretrained_model_name_or_path", folder, "--prompt", "x", "--outdir", "o", *extra_args])
-    args.mixed_precision = "no"
-    components = family.load(args)
-    network_args = {"conv_dim": str(conv_dim), "conv_alpha": "2"} if conv_dim else None
-    network = create_network(family.lora_targets(components), network_dim=4, network_alpha=2,
-                             network_args=network_args)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in network.named_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    network.save_weights(str(path), None, {})
-    return str(path)
+    family, _, components = loaded_family(family_name, folder)
+    return random_lora_on(family, components, path, seed, conv_dim=conv_dim)
 
 
 def reference_image(pipe, prompt, seed, **kwargs):
@@ -86,25 +69,10 @@ def sd_loras(tiny_sd15_folder, tmp_path_factory):
 def sd_reference_pipeline(folder):
     from diffusers import StableDiffusionPipeline
 
-    from library.families import get_family
-
+    family, _, components = loaded_family("sd", folder)
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    family = get_family("sd")
-    from library.families.base import ModelComponents
-
-    training_schedule = ModelComponents(None, None, [], [], noise_scheduler=family_noise_scheduler(family, folder))
-    pipe.scheduler = family.sampling_scheduler(training_schedule, "euler")
+    pipe.scheduler = family.sampling_scheduler(components, "euler")
     return pipe
-
-
-def family_noise_scheduler(family, folder):
-    from library.tools_common import parse_tool_args
-    from tools.generate import build_parser
-
-    args = parse_tool_args(family, build_parser(family), ["--pretrained_model_name_or_path", folder, "--prompt", "x",
-                                                          "--outdir", "o"])
-    args.mixed_precision = "no"
-    return family.load(args).noise_scheduler
 
 
 def test_sd_two_loras_in_two_layouts_match_diffusers_fused_weights(tiny_sd15_folder, sd_loras, tmp_path):
@@ -175,11 +143,12 @@ def test_lora_matches_diffusers_fused_weights(family_name, reference_layout, une
     assert np.abs(pixels(plain[0]) - pixels(with_lora[0])).max() > 10
 
 
-def random_lora_on(family, components, path, seed, unet_only=False):
+def random_lora_on(family, components, path, seed, unet_only=False, conv_dim=None):
     from networks.lora import create_network
 
+    network_args = {"conv_dim": str(conv_dim), "conv_alpha": "2"} if conv_dim else None
     network = create_network(family.lora_targets(components), network_dim=4, network_alpha=2,
-                             train_text_encoder=not unet_only)
+                             network_args=network_args, train_text_encoder=not unet_only)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, parameter in network.named_parameters():
