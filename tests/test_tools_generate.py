@@ -178,7 +178,9 @@ def test_img2img_strength_zero_is_the_vae_round_trip_and_strength_changes_it(tin
                      "--image_path", str(source), "--strength", "1", "--steps", "2")
     assert Image.open(repainted[0]).size == (SIZE, SIZE)
     assert np.abs(pixels(repainted[0]) - pixels(kept[0])).max() > 10
-    assert "Denoising strength: 1.0" in Image.open(repainted[0]).text["parameters"]
+    text = Image.open(repainted[0]).text["parameters"]
+    assert "Denoising strength: 1.0" in text and "Sampler: DDIMScheduler" in text
+    assert "Sampler: none (VAE round trip)" in Image.open(kept[0]).text["parameters"]
 
 
 def test_sweep_writes_every_strength_and_a_contact_sheet(tiny_sd15_folder, sd_loras, tmp_path):

@@ -27,12 +27,15 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.errors import UserError  # noqa: E402
 from library.tools_common import run_tool  # noqa: E402
+
+if TYPE_CHECKING:
+    from library.lora_fuse import FusedLoras
 
 logger = logging.getLogger("generate")
 
@@ -219,14 +222,14 @@ def lora_note(args: argparse.Namespace, strength: float) -> str:
                      for path, ratio in zip(args.loras, ratios))
 
 
-def parameters_text(job: Job, family, args, size: tuple[int, int]) -> str:
+def parameters_text(job: Job, family, args, size: tuple[int, int], scheduler: str) -> str:
     """A1111's `parameters` PNG text: the prompt, the negative prompt, then `Key: value` pairs."""
     prompt = job.prompt
     lines = [prompt.prompt]
     if prompt.negative_prompt:
         lines.append(f"Negative prompt: {prompt.negative_prompt}")
     values = [("Steps", prompt.sample_steps or family.sample_default_steps),
-              ("Sampler", prompt.sample_sampler or args.sample_sampler), ("CFG scale", prompt.scale),
+              ("Sampler", scheduler), ("CFG scale", prompt.scale),
               ("Guidance", prompt.guidance_scale), ("Seed", job.seed), ("Size", f"{size[0]}x{size[1]}"),
               ("Model", os.path.basename(os.path.normpath(args.pretrained_model_name_or_path)))]
     if args.loras:
@@ -265,6 +268,8 @@ class Generator:
     def __init__(self, family, components, args, device, init_image) -> None:
         self.family, self.components, self.args, self.device = family, components, args, device
         self.init_image = init_image
+        if init_image is not None:
+            self.pipeline(None)  # a family without an img2img pipeline fails here, before any image
 
     def pipeline(self, sampler: Optional[str]):
         from library.training.sampling import image_to_image_pipeline
@@ -282,11 +287,12 @@ class Generator:
         from library.training.sampling import run_pipeline, sample_size, vae_round_trip
 
         size = sample_size(self.family, job.prompt, default=self.default_size())
+        pipeline = self.pipeline(job.prompt.sample_sampler)
         if self.init_image is not None and self.args.strength == 0:
-            return vae_round_trip(self.pipeline(None), self.init_image.resize(size)), size
+            return vae_round_trip(pipeline, self.init_image.resize(size)), size, "none (VAE round trip)"
         extra = {} if self.init_image is None else {"image": self.init_image.resize(size), "strength": self.args.strength}
-        return run_pipeline(self.family, self.pipeline(job.prompt.sample_sampler), job.prompt, job.seed,
-                            self.args, size, **extra), size
+        image = run_pipeline(self.family, pipeline, job.prompt, job.seed, self.args, size, **extra)
+        return image, size, type(pipeline.scheduler).__name__
 
     def default_size(self) -> tuple[int, int]:
         return self.init_image.size if self.init_image is not None else (512, 512)
@@ -301,52 +307,59 @@ def check_img2img_steps(prompts: list, family, strength: float) -> None:
                             f"or --steps (or use --strength 0 for the VAE round trip)")
 
 
+def render_all(family, components, fused: Optional["FusedLoras"], generator: Generator, jobs: list[Job], args) -> dict:
+    """Render and save every job (fusing each LoRA strength once); returns {job key: (path, image)}."""
+    import torch
+    from tqdm.auto import tqdm
+
+    results, current = {}, None
+    with torch.no_grad():
+        for job in tqdm(sorted(jobs, key=lambda job: job.strength), desc="generating", unit="img"):
+            if fused is not None and job.strength != current:
+                fused.set_strength(job.strength)
+                current = job.strength
+            image, size, scheduler = generator.render(job)
+            path = output_path(args.outdir, job, sweep=args.ratios_sweep is not None)
+            save_png_with_parameters(image, path, parameters_text(job, family, args, size, scheduler))
+            results[(job.prompt.index, job.number, job.strength)] = (path, image)
+    return results
+
+
+def write_sweep_sheet(results: dict, strengths: list[float], outdir: str) -> str:
+    """One row per prompt and image, one column per strength."""
+    from library.training.sampling import contact_sheet, save_png_atomic
+
+    keys = sorted(results, key=lambda key: (key[0], key[1], strengths.index(key[2])))
+    labels = [f"#{index} s={strength:g}" for index, _, strength in keys]
+    sheet = os.path.join(outdir, f"sweep_{time.strftime('%Y%m%d%H%M%S')}_contact_sheet.png")
+    save_png_atomic(contact_sheet([results[key][1] for key in keys], labels, columns=len(strengths)), sheet)
+    return sheet
+
+
 def generate(argv: list[str]) -> list[str]:
     """Parse the flags, render every image; returns the paths written (images, then contact sheet)."""
-    import torch
-
+    from library.atomic_io import ensure_writable_dir
     from library.data.images import load_image
     from library.families import get_family
     from library.tools_common import choose_family_name, parse_tool_args
-    from library.training.sampling import contact_sheet, save_png_atomic
 
     family = get_family(choose_family_name(argv))
-    parser = build_parser(family)
-    args = parse_tool_args(family, parser, argv)
+    args = parse_tool_args(family, build_parser(family), argv)
     check_args(args)
     strengths = parse_sweep(args.ratios_sweep)
     prompts = load_prompts(args)
     init_image = load_image(args.image_path).convert("RGB") if args.image_path else None
     if init_image is not None:
         check_img2img_steps(prompts, family, args.strength)
-    device = choose_device(args)
-    from library.atomic_io import ensure_writable_dir
-
     ensure_writable_dir(args.outdir)
+    device = choose_device(args)
     components, fused = load_model(family, args, device)
     generator = Generator(family, components, args, device, init_image)
     jobs = plan_jobs(prompts, strengths, args.images_per_prompt, args.seed)
-    jobs.sort(key=lambda job: job.strength)  # fuse each strength once
-    paths, images = [], {}
-    from tqdm.auto import tqdm
-
-    current = None
-    with torch.no_grad():
-        for job in tqdm(jobs, desc="generating", unit="img"):
-            if fused is not None and job.strength != current:
-                fused.set_strength(job.strength)
-                current = job.strength
-            image, size = generator.render(job)
-            path = output_path(args.outdir, job, sweep=args.ratios_sweep is not None)
-            save_png_with_parameters(image, path, parameters_text(job, family, args, size))
-            paths.append(path)
-            images[(job.prompt.index, job.number, job.strength)] = image
+    results = render_all(family, components, fused, generator, jobs, args)
+    paths = [path for path, _ in results.values()]
     if args.ratios_sweep is not None:
-        keys = sorted(images, key=lambda key: (key[0], key[1], strengths.index(key[2])))
-        labels = [f"#{index} s={strength:g}" for index, _, strength in keys]
-        sheet = os.path.join(args.outdir, f"sweep_{time.strftime('%Y%m%d%H%M%S')}_contact_sheet.png")
-        save_png_atomic(contact_sheet([images[key] for key in keys], labels, columns=len(strengths)), sheet)
-        paths.append(sheet)
+        paths.append(write_sweep_sheet(results, strengths, args.outdir))
     logger.info("wrote %d images to %s", len(jobs), args.outdir)
     return paths
 
