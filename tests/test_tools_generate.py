@@ -249,13 +249,25 @@ def test_bad_inputs_after_loading(tiny_sd15_folder, sd_loras, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == f"error: --loras {tmp_path / 'missing.safetensors'}: no such file"
 
 
-def test_lumina_img2img_and_cpu_block_swap_are_refused(tmp_path):
+def test_lumina_img2img_from_the_txt2img_pipeline(tmp_path):
+    """diffusers has no Lumina 2 img2img: ours at strength 1 is txt2img of the same seed (the same
+    noise, the full schedule), at 0.5 it keeps more of the image than at 1."""
     folder = save_tiny("lumina", str(tmp_path / "lumina"))
     source = tmp_path / "photo.png"
-    Image.new("RGB", (64, 64), "red").save(source)
-    with pytest.raises(UserError, match="no image-to-image pipeline for Lumina"):
-        tool(folder, tmp_path / "out", "--prompt", "a", "--image_path", str(source), "--strength", "0.5",
-             family="lumina")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="blocks_to_swap"):
-            tool(folder, tmp_path / "out", "--prompt", "a", "--blocks_to_swap", "1", family="lumina")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(source)
+    common = ("--prompt", "a cat", "--seed", "3", "--steps", "4")
+    txt2img = tool(folder, tmp_path / "t", *common, family="lumina")
+    full = tool(folder, tmp_path / "full", *common, "--image_path", str(source), "--strength", "1", family="lumina")
+    half = tool(folder, tmp_path / "half", *common, "--image_path", str(source), "--strength", "0.5", family="lumina")
+    zero = tool(folder, tmp_path / "zero", *common, "--image_path", str(source), "--strength", "0", family="lumina")
+    assert_same_image(full[0], txt2img[0], levels=0)
+    distance = {name: np.abs(pixels(path[0]) - pixels(zero[0])).mean() for name, path in (("half", half), ("full", full))}
+    assert 0 < distance["half"] < distance["full"]
+
+
+def test_cpu_block_swap_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("block swap runs on this machine")
+    with pytest.raises(UserError, match="blocks_to_swap"):
+        generate(["--family", "flux", "--pretrained_model_name_or_path", str(tmp_path), "--outdir", str(tmp_path),
+                  "--prompt", "a", "--blocks_to_swap", "1"])

@@ -272,12 +272,10 @@ class Generator:
             self.pipeline(None)  # a family without an img2img pipeline fails here, before any image
 
     def pipeline(self, sampler: Optional[str]):
-        from library.training.sampling import image_to_image_pipeline
-
         scheduler = self.family.sampling_scheduler(self.components, sampler or self.args.sample_sampler)
         pipeline = self.family.build_pipeline(self.components, scheduler)
         if self.init_image is not None:
-            pipeline = image_to_image_pipeline(pipeline, self.family.display_name)
+            pipeline = self.family.image_to_image_pipeline(pipeline)
         if self.args.cpu_offload:
             pipeline.enable_model_cpu_offload(device=self.device)
         pipeline.set_progress_bar_config(disable=True)

@@ -367,17 +367,6 @@ def run_pipeline(family, pipeline, prompt: SamplePrompt, seed: int, args, size: 
     return result.images[0]
 
 
-def image_to_image_pipeline(pipeline, display_name: str):
-    """diffusers' img2img pipeline over the same components as a family's txt2img pipeline."""
-    from diffusers import AutoPipelineForImage2Image
-
-    try:
-        return AutoPipelineForImage2Image.from_pipe(pipeline)
-    except ValueError:
-        raise UserError(f"--image_path: diffusers has no image-to-image pipeline for {display_name} "
-                        f"({type(pipeline).__name__}); generate from text only") from None
-
-
 def vae_round_trip(pipeline, image: "Image.Image") -> "Image.Image":
     """What img2img gives at strength 0 (no denoising step): the VAE's decoding of the image's latent mean."""
     import torch
