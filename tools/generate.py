@@ -165,7 +165,7 @@ def place_components(family, components, args, device, dtype) -> None:
     family.place_denoiser(components, device, dtype, args)
 
 
-def load_model(family, args, device):
+def load_model(family, args, device, strengths: list[float]):
     from library.lora_fuse import FusedLoras
     from library.lora_merge import load_loras
     from library.devices import torch_dtype
@@ -179,7 +179,8 @@ def load_model(family, args, device):
     if args.loras:
         loras = load_loras(args.loras, args.ratios, family)
         fused = FusedLoras(family, components, loras, args.pretrained_model_name_or_path,
-                           keep_originals=args.ratios_sweep is not None)
+                           keep_originals=len(strengths) > 1)
+        fused.set_strength(min(strengths))  # before placing: block swap keeps its own copy of the weights
         logger.info("%d LoRAs touch %d layers", len(loras), fused.layer_count)
     place_components(family, components, args, device, dtype)
     return components, fused
@@ -305,12 +306,13 @@ def check_img2img_steps(prompts: list, family, strength: float) -> None:
                             f"or --steps (or use --strength 0 for the VAE round trip)")
 
 
-def render_all(family, components, fused: Optional["FusedLoras"], generator: Generator, jobs: list[Job], args) -> dict:
+def render_all(family, fused: Optional["FusedLoras"], generator: Generator, jobs: list[Job], strengths: list[float],
+               args) -> dict:
     """Render and save every job (fusing each LoRA strength once); returns {job key: (path, image)}."""
     import torch
     from tqdm.auto import tqdm
 
-    results, current = {}, None
+    results, current = {}, min(strengths)  # load_model fused the smallest strength
     with torch.no_grad():
         for job in tqdm(sorted(jobs, key=lambda job: job.strength), desc="generating", unit="img"):
             if fused is not None and job.strength != current:
@@ -351,10 +353,10 @@ def generate(argv: list[str]) -> list[str]:
         check_img2img_steps(prompts, family, args.strength)
     ensure_writable_dir(args.outdir)
     device = choose_device(args)
-    components, fused = load_model(family, args, device)
+    components, fused = load_model(family, args, device, strengths)
     generator = Generator(family, components, args, device, init_image)
     jobs = plan_jobs(prompts, strengths, args.images_per_prompt, args.seed)
-    results = render_all(family, components, fused, generator, jobs, args)
+    results = render_all(family, fused, generator, jobs, strengths, args)
     paths = [path for path, _ in results.values()]
     if args.ratios_sweep is not None:
         paths.append(write_sweep_sheet(results, strengths, args.outdir))
