@@ -89,7 +89,7 @@ def test_memory_cache_matches_encoding_the_uncached_batch(tmp_path):
     ramp[..., 0] = np.arange(97)[None, :] * 2
     Image.fromarray(ramp).save(folder / "wide.png")  # odd spare width: the flipped crop offset differs
     write_png(folder / "square.png", size=(64, 64), color=(250, 0, 90))
-    dataset = make_dataset(folder, flip_aug=True, class_tokens="a, b, c, d, e",
+    dataset = make_dataset(folder, flip_aug=True, class_tokens="a, b, c, d, e, f, g, h",
                            captions=CaptionOptions(shuffle_caption=True))
     refs = [SampleRef(0, 0), SampleRef(1, 0)]
     uncached = [dataset.make_batch(refs, epoch, 0) for epoch in range(1, 5)]

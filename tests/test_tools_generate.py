@@ -107,9 +107,8 @@ def loaded_family(family_name, folder):
     from library.tools_common import parse_tool_args
     from tools.generate import build_parser
 
-    family = get_family(family_name)
-    args = parse_tool_args(family, build_parser(family), ["--pretrained_model_name_or_path", folder, "--prompt", "x",
-                                                          "--outdir", "o"])
+    family, args = parse_tool_args(get_family(family_name), build_parser(get_family(family_name)),
+                                   ["--pretrained_model_name_or_path", folder, "--prompt", "x", "--outdir", "o"])
     args.mixed_precision = "no"
     return family, args, family.load(args)
 
@@ -135,7 +134,7 @@ def test_lora_matches_diffusers_fused_weights(family_name, reference_layout, une
                      "--sampler", "euler", "--loras", lora, "--ratios", "0.7", family=family_name)
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.scheduler = family.sampling_scheduler(components, "euler")
-    kwargs = family.sample_pipeline_kwargs(SamplePrompt("a red cat", scale=4.0), args)
+    kwargs = family.sample_pipeline_kwargs(SamplePrompt("a red cat", scale=4.0), args, components)
     assert_same_image(plain[0], reference_image(pipe, "a red cat", 7, **kwargs))
     pipe.load_lora_weights(reference_lora)
     pipe.fuse_lora(components=pipe._lora_loadable_modules, lora_scale=0.7)  # FLUX fuses only the transformer by default

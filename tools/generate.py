@@ -106,11 +106,16 @@ def parse_sweep(text: Optional[str]) -> list[float]:
     return strengths
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(family, args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.from_file is None):
         raise UserError("give the prompts with --prompt TEXT or --from_file FILE (one of them)")
     if args.ratios_sweep is not None and not args.loras:
         raise UserError("--ratios_sweep varies the strength of --loras: give at least one LoRA file")
+    if args.cpu_offload and family.settings.blocks_to_swap:
+        raise UserError("--cpu_offload and --blocks_to_swap both move weights between CPU and GPU; use one of them")
+    if args.ratios_sweep is not None and family.settings.blocks_to_swap:
+        raise UserError("--ratios_sweep changes weights that --blocks_to_swap keeps copies of; sweep without "
+                        "--blocks_to_swap, or run one --ratios per command")
     if args.ratios is not None and len(args.ratios) != len(args.loras):
         raise UserError(f"--ratios has {len(args.ratios)} values for {len(args.loras)} --loras; give one per LoRA")
     for flag in ("W", "H", "steps", "images_per_prompt"):
@@ -162,7 +167,7 @@ def place_components(family, components, args, device, dtype) -> None:
         return
     for module in [components.vae, *components.text_encoders]:
         move_module(module, device, dtype)
-    family.place_denoiser(components, device, dtype, args)
+    family.place_denoiser(components, device, dtype)
 
 
 def load_model(family, args, device, strengths: list[float]):
@@ -272,6 +277,13 @@ class Generator:
         if init_image is not None:
             self.pipeline(None)  # a family without an img2img pipeline fails here, before any image
 
+    def warn_unused_options(self, prompts: list) -> None:
+        for prompt in prompts:
+            unused = self.family.unused_sample_options(prompt, self.components)
+            if unused:
+                logger.warning("prompt %d: %s has no effect for %s", prompt.index, ", ".join(unused),
+                               self.family.display_name)
+
     def pipeline(self, sampler: Optional[str]):
         scheduler = self.family.sampling_scheduler(self.components, sampler or self.args.sample_sampler)
         pipeline = self.family.build_pipeline(self.components, scheduler)
@@ -290,7 +302,7 @@ class Generator:
         if self.init_image is not None and self.args.strength == 0:
             return vae_round_trip(pipeline, self.init_image.resize(size)), size, "none (VAE round trip)"
         extra = {} if self.init_image is None else {"image": self.init_image.resize(size), "strength": self.args.strength}
-        image = run_pipeline(self.family, pipeline, job.prompt, job.seed, self.args, size, **extra)
+        image = run_pipeline(self.family, pipeline, job.prompt, job.seed, self.args, self.components, size, **extra)
         return image, size, type(pipeline.scheduler).__name__
 
     def default_size(self) -> tuple[int, int]:
@@ -344,8 +356,8 @@ def generate(argv: list[str]) -> list[str]:
     from library.tools_common import choose_family_name, parse_tool_args
 
     family = get_family(choose_family_name(argv))
-    args = parse_tool_args(family, build_parser(family), argv)
-    check_args(args)
+    family, args = parse_tool_args(family, build_parser(family), argv)
+    check_args(family, args)
     strengths = parse_sweep(args.ratios_sweep)
     prompts = load_prompts(args)
     init_image = load_image(args.image_path).convert("RGB") if args.image_path else None
@@ -355,6 +367,7 @@ def generate(argv: list[str]) -> list[str]:
     device = choose_device(args)
     components, fused = load_model(family, args, device, strengths)
     generator = Generator(family, components, args, device, init_image)
+    generator.warn_unused_options(prompts)
     jobs = plan_jobs(prompts, strengths, args.images_per_prompt, args.seed)
     results = render_all(family, fused, generator, jobs, strengths, args)
     paths = [path for path, _ in results.values()]

@@ -204,8 +204,10 @@ class TrainDataset:
         return batches
 
     def _sample_rng(self, epoch: int, ref: SampleRef) -> random.Random:
+        """Data-side randomness of one sample (flip, crop, caption shuffle and dropout), keyed like the
+        noise by the sample's location-independent key: a moved dataset folder trains the same."""
         entry = self.entries[ref.entry_index]
-        return random.Random(f"sample:{self.seed}:{epoch}:{entry.dataset_index}:{entry.image_path}:{ref.repeat}")
+        return random.Random(f"sample:{self.seed}:{epoch}:{self._sample_key(entry, ref.repeat)}")
 
     # ------------------------------------------------------------ batches
 

@@ -277,7 +277,7 @@ class Sampler:
         self.prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else []
         self.folder = os.path.join(args.output_dir, "sample")
         for prompt in self.prompts:
-            unused = family.unused_sample_options(prompt)
+            unused = family.unused_sample_options(prompt, components)
             if unused:
                 logger.warning("sample prompt %d of %s: %s has no effect for %s", prompt.index, args.sample_prompts,
                                ", ".join(unused), family.display_name)
@@ -311,17 +311,16 @@ class Sampler:
             module.eval()  # no LoRA/network dropout in samples
         paths, images, labels = [], [], []
         try:
-            with self.family.sampling_mode(self.components):
-                for prompt in self.prompts:
-                    prompt = replace(prompt, prompt=replace_trigger(prompt.prompt, self.trigger_word),
-                                     negative_prompt=replace_trigger(prompt.negative_prompt, self.trigger_word)
-                                     if prompt.negative_prompt else None)
-                    image = self._generate(prompt)
-                    path = os.path.join(self.folder, sample_file_name(self.args.output_name, tag, prompt))
-                    save_png_atomic(image, path)
-                    paths.append(path)
-                    images.append(image)
-                    labels.append(f"#{prompt.index} {prompt.prompt}")
+            for prompt in self.prompts:
+                prompt = replace(prompt, prompt=replace_trigger(prompt.prompt, self.trigger_word),
+                                 negative_prompt=replace_trigger(prompt.negative_prompt, self.trigger_word)
+                                 if prompt.negative_prompt else None)
+                image = self._generate(prompt)
+                path = os.path.join(self.folder, sample_file_name(self.args.output_name, tag, prompt))
+                save_png_atomic(image, path)
+                paths.append(path)
+                images.append(image)
+                labels.append(f"#{prompt.index} {prompt.prompt}")
         finally:
             for module, was_training in modes:
                 module.train(was_training)
@@ -340,7 +339,7 @@ class Sampler:
         pipeline.set_progress_bar_config(disable=True)
         seed = prompt.seed if prompt.seed is not None else derive_seed("sample", self.seed, prompt.index) % 2**32
         with torch.no_grad(), self.accelerator.autocast():
-            return run_pipeline(family, pipeline, prompt, seed, self.args, sample_size(family, prompt))
+            return run_pipeline(family, pipeline, prompt, seed, self.args, self.components, sample_size(family, prompt))
 
 
 def sample_size(family, prompt: SamplePrompt, default: tuple[int, int] = (512, 512)) -> tuple[int, int]:
@@ -350,7 +349,8 @@ def sample_size(family, prompt: SamplePrompt, default: tuple[int, int] = (512, 5
     return tuple(max(multiple, size // multiple * multiple) for size in sizes)
 
 
-def run_pipeline(family, pipeline, prompt: SamplePrompt, seed: int, args, size: tuple[int, int], **extra):
+def run_pipeline(family, pipeline, prompt: SamplePrompt, seed: int, args, components, size: tuple[int, int],
+                 **extra):
     """One image of `prompt` from a family pipeline (txt2img, or img2img with image/strength in extra);
     the starting noise comes from a CPU generator seeded with `seed`, so it is the same on any device."""
     import inspect
@@ -363,7 +363,7 @@ def run_pipeline(family, pipeline, prompt: SamplePrompt, seed: int, args, size: 
         extra = {"width": size[0], "height": size[1], **extra}
     result = pipeline(prompt=prompt.prompt, generator=generator,
                       num_inference_steps=prompt.sample_steps or family.sample_default_steps,
-                      **family.sample_pipeline_kwargs(prompt, args), **extra)
+                      **family.sample_pipeline_kwargs(prompt, args, components), **extra)
     return result.images[0]
 
 
