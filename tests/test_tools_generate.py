@@ -270,3 +270,20 @@ def test_cpu_block_swap_is_refused(tmp_path):
     with pytest.raises(UserError, match="blocks_to_swap"):
         generate(["--family", "flux", "--pretrained_model_name_or_path", str(tmp_path), "--outdir", str(tmp_path),
                   "--prompt", "a", "--blocks_to_swap", "1"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cpu_offload"], "--cpu_offload and --blocks_to_swap both move weights"),
+    (["--loras", __file__, "--ratios_sweep", "0,1"], "--ratios_sweep changes weights that --blocks_to_swap keeps"),
+])
+def test_block_swap_conflicts(extra, message):
+    from types import SimpleNamespace
+
+    from tools.generate import add_generation_arguments, check_args
+
+    parser = __import__("argparse").ArgumentParser()
+    add_generation_arguments(parser)
+    args = parser.parse_args(["--prompt", "a", "--outdir", "o", *extra])
+    swapping = SimpleNamespace(settings=SimpleNamespace(blocks_to_swap=4))
+    with pytest.raises(UserError, match=message):
+        check_args(swapping, args)
