@@ -291,6 +291,19 @@ class ModelFamily(ABC):
     def build_pipeline(self, components: ModelComponents, scheduler=None):
         """A diffusers pipeline over the in-memory components (no second copy), for sampling."""
 
+    def image_to_image_pipeline(self, pipeline):
+        """diffusers' img2img pipeline over the components of a `build_pipeline` pipeline
+        (tools/generate.py --image_path)."""
+        from diffusers import AutoPipelineForImage2Image
+
+        from library.errors import UserError
+
+        try:
+            return AutoPipelineForImage2Image.from_pipe(pipeline)
+        except ValueError:
+            raise UserError(f"--image_path: diffusers has no image-to-image pipeline for {self.display_name} "
+                            f"({type(pipeline).__name__}); generate from text only") from None
+
     def sampling_scheduler(self, components: ModelComponents, sampler: str):
         """The diffusers scheduler for sd-scripts' sampler name (--sample_sampler / --ss); DDPM-trained
         families get it from their training noise schedule, others override this."""

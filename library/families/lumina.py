@@ -219,6 +219,12 @@ class LuminaFamily(ModelFamily):
 
         return lumina_sampling_scheduler()
 
+    def image_to_image_pipeline(self, pipeline):
+        """diffusers has no Lumina 2 img2img pipeline: ours starts the txt2img one from a noised image."""
+        from library.models.lumina_img2img import Lumina2Img2Img
+
+        return Lumina2Img2Img(pipeline)
+
     def sample_pipeline_kwargs(self, prompt, args, components: ModelComponents) -> dict:
         kwargs = {"guidance_scale": 4.0 if prompt.scale is None else prompt.scale,
                   "max_sequence_length": self.max_length(args), "system_prompt": self.system_prompt(args)}

@@ -29,7 +29,7 @@ def _bpe_file_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], CLIP_VOCAB_FILE)
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP's reversible byte-to-printable-character table, in vocabulary order."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -48,7 +48,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     with gzip.open(_bpe_file_path(), "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : CLIP_MERGE_COUNT + 1]]
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {token: i for i, token in enumerate(tokens)}, merges

@@ -240,14 +240,14 @@ def sample_file_name(output_name: str, tag: str, prompt: SamplePrompt) -> str:
     return f"{output_name}_{tag}_{prompt.index:02d}_{stamp}{seed}.png"
 
 
-def contact_sheet(images: list["Image.Image"], labels: list[str]) -> "Image.Image":
-    """All samples of one sampling step in a grid (up to 4 per row), each with its label below."""
+def contact_sheet(images: list["Image.Image"], labels: list[str], columns: int = 4) -> "Image.Image":
+    """Images in a grid (`columns` per row, fewer if there are fewer images), each with its label below."""
     from PIL import Image, ImageDraw
 
     label_height = 14
     cell_w = max(image.width for image in images)
     cell_h = max(image.height for image in images) + label_height
-    columns = min(4, len(images))
+    columns = min(columns, len(images))
     rows = (len(images) + columns - 1) // columns
     sheet = Image.new("RGB", (cell_w * columns, cell_h * rows), "white")
     draw = ImageDraw.Draw(sheet)
@@ -333,16 +333,47 @@ class Sampler:
 
         from library.training.step_rng import derive_seed
 
-        family, args = self.family, self.args
-        scheduler = family.sampling_scheduler(self.components, prompt.sample_sampler or args.sample_sampler)
+        family = self.family
+        scheduler = family.sampling_scheduler(self.components, prompt.sample_sampler or self.args.sample_sampler)
         pipeline = family.build_pipeline(self.components, scheduler)
         pipeline.set_progress_bar_config(disable=True)
-        multiple = family.sample_size_multiple
-        width, height = (max(multiple, (size or 512) // multiple * multiple) for size in (prompt.width, prompt.height))
         seed = prompt.seed if prompt.seed is not None else derive_seed("sample", self.seed, prompt.index) % 2**32
-        generator = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad(), self.accelerator.autocast():
-            result = pipeline(prompt=prompt.prompt, width=width, height=height, generator=generator,
-                              num_inference_steps=prompt.sample_steps or family.sample_default_steps,
-                              **family.sample_pipeline_kwargs(prompt, args, self.components))
-        return result.images[0]
+            return run_pipeline(family, pipeline, prompt, seed, self.args, self.components, sample_size(family, prompt))
+
+
+def sample_size(family, prompt: SamplePrompt, default: tuple[int, int] = (512, 512)) -> tuple[int, int]:
+    """(width, height) of a prompt's image, rounded down to the family's latent stride."""
+    multiple = family.sample_size_multiple
+    sizes = (prompt.width or default[0], prompt.height or default[1])
+    return tuple(max(multiple, size // multiple * multiple) for size in sizes)
+
+
+def run_pipeline(family, pipeline, prompt: SamplePrompt, seed: int, args, components, size: tuple[int, int],
+                 **extra):
+    """One image of `prompt` from a family pipeline (txt2img, or img2img with image/strength in extra);
+    the starting noise comes from a CPU generator seeded with `seed`, so it is the same on any device."""
+    import inspect
+
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    accepted = inspect.signature(pipeline.__call__).parameters
+    if "width" in accepted:  # diffusers' SD/SDXL img2img pipelines take the size from the image
+        extra = {"width": size[0], "height": size[1], **extra}
+    result = pipeline(prompt=prompt.prompt, generator=generator,
+                      num_inference_steps=prompt.sample_steps or family.sample_default_steps,
+                      **family.sample_pipeline_kwargs(prompt, args, components), **extra)
+    return result.images[0]
+
+
+def vae_round_trip(pipeline, image: "Image.Image") -> "Image.Image":
+    """What img2img gives at strength 0 (no denoising step): the VAE's decoding of the image's latent mean."""
+    import torch
+
+    vae = pipeline.vae
+    parameter = next(vae.parameters())
+    pixels = pipeline.image_processor.preprocess(image).to(parameter.device, parameter.dtype)
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+    return pipeline.image_processor.postprocess(decoded, output_type="pil")[0]
