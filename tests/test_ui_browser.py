@@ -1,6 +1,6 @@
 """The web UI in a real browser (Debian's headless Chromium driven by Selenium), on the tiny demo model:
 use the demo images, edit a caption, write the dataset config, start a 20-step run, see the loss plot and
-a sample image, press Stop, see the LoRA file listed. Screenshots are kept in the test's tmp folder
+a sample image, press Stop, see the LoRA file listed, then the run on the Runs page. Screenshots are kept in the test's tmp folder
 (the path is printed; `pytest -s` shows it)."""
 
 import os
@@ -173,3 +173,9 @@ def test_browser_demo_caption_edit_train_watch_stop(ui_server, browser, tmp_path
     assert 1 <= step < 20 and lora.replace(".safetensors", "-state") in saved
     assert "browser_lora.safetensors" not in saved  # stopped, not finished
     assert f"stopped at step {step}" in page.text("run_status")
+
+    # Runs page: the run with its status, files and settings
+    page.tab("Runs")
+    page.until(lambda: "stopped at step" in page.text("runs_status"), "the run on the Runs page")
+    assert lora in page.text("runs_files") and "max_train_steps = 20" in page.text("runs_settings")
+    page.screenshot("5-runs")

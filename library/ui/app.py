@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def exposure_warning(args: argparse.Namespace) -> str | None:
+    if args.host in LOCAL_HOSTS:
+        return None
+    return (f"listening on {args.host}: anyone who can reach port {args.port} can start training runs and read files "
+            f"as this user" + ("" if args.auth else "; add --auth user:password"))
+
+
 def _interrupt(number, frame):
     raise KeyboardInterrupt
 
@@ -73,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
     setup_logging()
     args = parse_args(argv)
-    if args.host not in LOCAL_HOSTS:
-        logger.warning("listening on %s: anyone who can reach port %d can start training runs and read files as this "
-                       "user%s", args.host, args.port, "" if args.auth else "; add --auth user:password")
+    warning = exposure_warning(args)
+    if warning:
+        logger.warning(warning)
     context = UIContext(args.workspace)
     app = build_app(context)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None

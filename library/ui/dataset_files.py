@@ -93,16 +93,15 @@ def write_dataset_toml(settings: DatasetSettings, path: str) -> str:
 
     from library.config.dataset_config import load_dataset_group
 
-    from library.data.buckets import make_bucket_resolutions
+    from library.data.buckets import BucketManager
 
     text = toml.dumps(dataset_document(settings))
     write_text_atomic(path, text)
     group = load_dataset_group(argparse.Namespace(dataset_config=path))  # raises UserError naming the key
     for dataset in group.datasets:
-        if dataset.enable_bucket:
-            try:
-                make_bucket_resolutions(dataset.resolution, dataset.min_bucket_reso, dataset.max_bucket_reso,
-                                        dataset.bucket_reso_steps)
-            except UserError as error:
-                raise UserError(f"{path}: {error}") from None
+        try:  # the trainer's bucket checks (resolution within min/max_bucket_reso)
+            BucketManager(dataset.resolution, dataset.enable_bucket, dataset.min_bucket_reso, dataset.max_bucket_reso,
+                          dataset.bucket_reso_steps, dataset.bucket_no_upscale)
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
     return text

@@ -110,7 +110,7 @@ def log_tail(run_dir: str, lines: int = 30) -> str:
         f.seek(max(0, os.path.getsize(path) - 64 * 1024))
         text = f.read().decode("utf-8", errors="replace")
     # tqdm redraws its bar with carriage returns: keep the last state of each line
-    return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
+    return "\n".join(line.split("\r")[-1] for line in text.rstrip("\n").split("\n")[-lines:])
 
 
 @dataclass
