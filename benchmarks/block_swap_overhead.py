@@ -63,8 +63,8 @@ def flux_lora(transformer, rank: int):
     """A LoRA on FluxFamily's targets of `transformer` (frozen), applied; returns the network."""
     from library.families.base import ModelComponents
     from library.families.flux import FluxFamily
-    from library.models.tiny import tiny_clip_text_model
-    from library.models.tiny_flux import tiny_t5_encoder
+    from library.tiny_models.sd import tiny_clip_text_model
+    from library.tiny_models.flux import tiny_t5_encoder
     from networks.lora import create_network
 
     transformer.requires_grad_(False)

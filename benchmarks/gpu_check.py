@@ -235,8 +235,8 @@ class FluxBench:
         from library.config.arguments import parse_training_args
         from library.families.base import ModelComponents
         from library.families.flux import FluxFamily
-        from library.models.tiny import tiny_clip_text_model
-        from library.models.tiny_flux import tiny_t5_encoder
+        from library.tiny_models.sd import tiny_clip_text_model
+        from library.tiny_models.flux import tiny_t5_encoder
         from library.training.distributed import build_accelerator
         from library.training.modes import make_mode
         from library.training.step_loss import StepLoss, TrainableModules
@@ -486,7 +486,7 @@ def sdxl_section(entry: dict, report: Report, options, device: Device) -> None:
 
     from library.families.base import ModelComponents
     from library.families.sdxl import SDXLFamily
-    from library.models.tiny import tiny_clip_text_model
+    from library.tiny_models.sd import tiny_clip_text_model
     from networks.lora import create_network
 
     d = TINY_SDXL if options.tiny else REAL_SDXL

@@ -21,7 +21,7 @@ def main() -> None:
     options = parser.parse_args()
     logging.disable(logging.INFO)
     from library.demo import write_demo_images
-    from library.models.tiny_sdxl import save_tiny_sdxl_pipeline
+    from library.tiny_models.sdxl import save_tiny_sdxl_pipeline
 
     with tempfile.TemporaryDirectory() as root:
         model = save_tiny_sdxl_pipeline(os.path.join(root, "model"))

@@ -1,7 +1,7 @@
 """The built-in demo the quickstart trains on: a tiny SD1.5-layout model and generated images.
 
 Nothing is downloaded: the model is randomly initialised with the real SD1.5 block layout
-(library/models/tiny.py) and the images are simple drawn shapes with matching captions, laid out in
+(library/tiny_models/sd.py) and the images are simple drawn shapes with matching captions, laid out in
 sd-scripts' `N_class tokens/` folder convention so the quickstart exercises the real data path.
 """
 
@@ -47,7 +47,7 @@ def write_demo_images(folder: str, repeats: int = 5) -> str:
 
 
 def write_demo_model(folder: str) -> str:
-    from library.models.tiny import save_tiny_sd15_pipeline
+    from library.tiny_models.sd import save_tiny_sd15_pipeline
 
     if not os.path.exists(os.path.join(folder, "model_index.json")):
         save_tiny_sd15_pipeline(folder)

@@ -13,7 +13,7 @@ Three layouts hold the same low-rank pairs under different names:
 Names come from the family (`ModelFamily.lora_module_names`), so this module never branches on a
 family. Tensors are never changed, only renamed; alphas move between tensors and metadata with
 their dtype recorded, so kohya -> diffusers -> kohya is bit-exact. Our own code: no library converts
-in every direction (diffusers' converters write alpha = rank, FACTS.md).
+in every direction (diffusers' converters write alpha = rank).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from library.errors import UserError
+from library.families.table import FAMILIES, lora_markers
 
 if TYPE_CHECKING:
     import torch
@@ -37,25 +38,6 @@ _ROLE_OF_SUFFIX = {
     ".lora_A.weight": "down", ".lora_B.weight": "up",
 }
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", PEFT_METADATA_KEY, ALPHA_DTYPE_KEY)
-
-# (family, name prefixes that mark it), most specific first; names of every layout are checked
-_FAMILY_MARKERS: list[tuple[str, tuple[str, ...]]] = [
-    ("flux", ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks.",
-              "diffusion_model.double_blocks.", "diffusion_model.single_blocks.")),
-    ("sd3", ("lora_unet_joint_blocks_", "diffusion_model.joint_blocks.")),
-    ("lumina", ("lora_unet_noise_refiner_", "lora_unet_context_refiner_", "lora_unet_layers_",
-                "transformer.noise_refiner.", "transformer.context_refiner.", "transformer.layers.",
-                "diffusion_model.noise_refiner.", "diffusion_model.context_refiner.", "diffusion_model.layers.")),
-    ("sdxl", ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_output_blocks_",
-              "lora_unet_middle_block_", "text_encoder_2.", "unet.add_embedding.", "unet.up_blocks.0.attentions.",
-              "diffusion_model.label_emb.", "diffusion_model.output_blocks.0.1.", "diffusion_model.output_blocks.1.1.")),
-    ("sd", ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_",
-            "unet.down_blocks.0.attentions.", "unet.up_blocks.3.attentions.", "unet.", "text_encoder.",
-            "diffusion_model.input_blocks.", "diffusion_model.output_blocks.", "diffusion_model.middle_block.")),
-]
-FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "flux": "FLUX", "sd3": "SD3", "lumina": "Lumina 2",
-                "unknown": "unknown"}
-
 
 @dataclass
 class LoraPair:
@@ -158,7 +140,7 @@ def detect_layout(tensor_keys) -> str:
 def detect_family(tensor_keys) -> str:
     """"sd", "sdxl", "flux", "sd3", "lumina" or "unknown": which model a LoRA's names belong to."""
     names = {split_key(key)[0] for key in tensor_keys}
-    for family, markers in _FAMILY_MARKERS:
+    for family, markers in lora_markers():
         if any(name.startswith(markers) for name in names):
             return family
     return "unknown"
@@ -166,7 +148,12 @@ def detect_family(tensor_keys) -> str:
 
 def describe_file_kind(tensor_keys) -> str:
     keys = list(tensor_keys)
-    return f"a {FAMILY_NAMES[detect_family(keys)]} LoRA in {detect_layout(keys)} layout"
+    return f"a {family_display_name(detect_family(keys))} LoRA in {detect_layout(keys)} layout"
+
+
+def family_display_name(family: str) -> str:
+    """The family table's display name; "unknown" for a LoRA no family's names match."""
+    return FAMILIES[family].display_name if family in FAMILIES else family
 
 
 def read_lora(path: str) -> LoraFile:

@@ -15,16 +15,14 @@ truncated SVD of the summed deltas to a new rank.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from library.atomic_io import atomic_write, ensure_writable_dir
+from library.atomic_io import atomic_write, replace_folder_atomically
 from library.errors import UserError
 from library.lora_formats import LoraPair, describe_file_kind, detect_family, read_lora, to_kohya
 from library.safetensors_stream import (
@@ -305,26 +303,20 @@ def _merge_into_folder(model, weights, others, loras, save_to, save_precision, d
     save_to = os.path.abspath(save_to)
     if os.path.isfile(save_to):
         raise UserError(f"--save_to {save_to} is a file; a diffusers model is saved as a folder")
-    parent = os.path.dirname(save_to)
-    ensure_writable_dir(parent)
-    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(save_to)}.", dir=parent)
-    try:
+    changed = []
+
+    def write(temp: str) -> None:
         for relative in others:
             os.makedirs(os.path.dirname(os.path.join(temp, relative)), exist_ok=True)
             shutil.copy2(os.path.join(model, relative), os.path.join(temp, relative))
-        changed = 0
         for weight_file in weights:
             target = os.path.join(temp, weight_file.relative)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            changed += rewrite_weight_file(weight_file, target, loras, save_precision, device)
+            changed.append(rewrite_weight_file(weight_file, target, loras, save_precision, device))
         _update_shard_indexes(temp)
-        _swap_folder(temp, save_to)
-        return changed
-    except OSError as e:
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise UserError(f"could not write {save_to}: {reason}; nothing was replaced") from e
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+
+    replace_folder_atomically(save_to, write)
+    return sum(changed)
 
 
 def _update_shard_indexes(folder: str) -> None:
@@ -345,20 +337,6 @@ def _update_shard_indexes(folder: str) -> None:
 
 def _data_size(path: str) -> int:
     return sum(info.nbytes for info in read_header(path).tensors.values())
-
-
-def _swap_folder(temp: str, path: str) -> None:
-    """Put the finished folder in place; an existing folder survives until the new one is there."""
-    backup = f"{temp}.previous"
-    if os.path.exists(path):
-        os.replace(path, backup)
-    try:
-        os.replace(temp, path)
-    except OSError:
-        if os.path.exists(backup):
-            os.replace(backup, path)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 # ---- merging LoRAs into one LoRA -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The four strategies every model family composes (DESIGN.md), as abstract interfaces.
+"""The four strategies every model family composes, as abstract interfaces.
 
 1. TokenizeStrategy: caption text -> token ids (+ masks, + per-token weights) per text encoder.
 2. TextEncodingStrategy: token ids -> the conditioning dict the denoiser consumes.
@@ -19,7 +19,7 @@ Shapes and conventions shared by all families:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     import torch
@@ -53,8 +53,10 @@ class LatentsCachingStrategy(ABC):
     vae_identity: str = ""  # which VAE weights: set by the family from its flags (see weights_identity)
 
     @abstractmethod
-    def encode(self, vae: Any, images: "torch.Tensor") -> "torch.Tensor":
-        """images [B,3,H,W] in [-1,1] on the VAE's device/dtype -> scaled (and shifted) latents."""
+    def encode(self, vae: Any, images: "torch.Tensor",
+               generator: Optional["torch.Generator"] = None) -> "torch.Tensor":
+        """images [B,3,H,W] in [-1,1] on the VAE's device/dtype -> scaled (and shifted) latents, sampled
+        from the VAE's posterior with `generator` (None: torch's global random state)."""
 
     @abstractmethod
     def decode(self, vae: Any, latents: "torch.Tensor") -> "torch.Tensor":

@@ -16,11 +16,11 @@ import sys
 from typing import Callable, Optional
 
 from library.errors import USER_ERROR_EXIT_CODE, UserError
+from library.families.table import FAMILIES, FAMILY_NAMES
 
 logger = logging.getLogger(__name__)
 
-FAMILY_NAMES = ("sd", "sdxl", "flux", "sd3", "lumina")
-FAMILY_SWITCHES = {"sdxl": "sdxl", "flux": "flux"}  # sd-scripts' --sdxl / --flux
+FAMILY_SWITCHES = {facts.tool_switch: name for name, facts in FAMILIES.items() if facts.tool_switch}  # --sdxl, --flux
 
 
 def add_family_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ def build_model_data_parser(family, description: str, model_optional: bool = Fal
     VAE gets it from --vae, --ae, ...; the family's load_vae says what is missing).
     """
     from library.config.dataset_args import add_dataset_arguments
-    from library.data.dataset import add_caching_arguments
+    from library.data.dataset import add_caching_arguments, add_data_loading_arguments
 
     parser = argparse.ArgumentParser(description=description)
     add_family_arguments(parser)
@@ -78,6 +78,7 @@ def build_model_data_parser(family, description: str, model_optional: bool = Fal
             action.required = False
     add_dataset_arguments(parser)
     add_caching_arguments(parser)
+    add_data_loading_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the dataset order (does not change caches)")
     parser.add_argument("--config_file", default=None, help="TOML file holding any of these arguments")
     return parser

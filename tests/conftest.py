@@ -12,14 +12,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def tiny_sd15_folder(tmp_path_factory):
-    from library.models.tiny import save_tiny_sd15_pipeline
+    from library.tiny_models.sd import save_tiny_sd15_pipeline
 
     return save_tiny_sd15_pipeline(str(tmp_path_factory.mktemp("tiny_sd15")))
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_folder(tmp_path_factory):
-    from library.models.tiny_sdxl import save_tiny_sdxl_pipeline
+    from library.tiny_models.sdxl import save_tiny_sdxl_pipeline
 
     return save_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("tiny_sdxl")))
 

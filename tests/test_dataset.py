@@ -296,14 +296,6 @@ def test_epoch_loader_with_worker_processes(tmp_path):
     assert with_workers == in_process
 
 
-def test_epoch_loader_shard(tmp_path):
-    dataset = _bucketed_dataset(tmp_path)
-    batches = dataset.batches_for_epoch(1)
-    shard = EpochLoader(dataset, 1).shard(1, 3)
-    assert shard.batches == batches[1::3]
-    assert len(EpochLoader(dataset, 1, start_batch=1).shard(0, 3)) == len(batches[0::3]) - 1
-
-
 def test_latent_caching_rejects_pixel_augmentations(tmp_path):
     folder = write_images(tmp_path / "train", ["a"])
     for option in ("color_aug", "random_crop"):
@@ -315,9 +307,15 @@ def test_latent_caching_rejects_pixel_augmentations(tmp_path):
 def test_caching_arguments_defaults():
     import argparse
 
+    from library.data.dataset import add_data_loading_arguments
+
     parser = argparse.ArgumentParser()
     add_caching_arguments(parser)
+    add_data_loading_arguments(parser)
     args = parser.parse_args([])
     assert (args.cache_latents, args.cache_latents_to_disk, args.vae_batch_size, args.skip_cache_check,
             args.latents_cache_dir, args.max_data_loader_n_workers, args.prior_loss_weight) == (
         False, False, 1, False, None, 0, 1.0)
+    groups = {action.dest: group.title for group in parser._action_groups for action in group._group_actions}
+    assert groups["cache_latents"] == "latent caching"
+    assert groups["max_data_loader_n_workers"] == groups["prior_loss_weight"] == "data loading"

@@ -9,8 +9,8 @@ import torch
 from library.errors import UserError
 from library.families.base import ModelComponents
 from library.families.flux import FluxFamily, enable_block_swap, flux_swap_split, store_in_fp8
-from library.models.tiny import tiny_clip_text_model
-from library.models.tiny_flux import tiny_flux_transformer, tiny_t5_encoder
+from library.tiny_models.sd import tiny_clip_text_model
+from library.tiny_models.flux import tiny_flux_transformer, tiny_t5_encoder
 from library.offload import HostTransferBackend
 from networks.lora import create_network
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
 from library.models import flux_checkpoint as ckpt
-from library.models.tiny_flux import save_tiny_flux_single_files, tiny_flux_transformer
+from library.tiny_models.flux import save_tiny_flux_single_files, tiny_flux_transformer
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,8 @@ def test_prefixed_low_precision_files_and_schnell(tmp_path, dtype):
 
 def test_text_encoders_and_ae_load_exactly(files):
     from library.models.t5_tokenizer import load_t5_tokenizer
-    from library.models.tiny import tiny_clip_text_model
-    from library.models.tiny_flux import tiny_flux_ae, tiny_t5_encoder
+    from library.tiny_models.sd import tiny_clip_text_model
+    from library.tiny_models.flux import tiny_flux_ae, tiny_t5_encoder
 
     vae = ckpt.load_flux_ae(files["ae"])
     assert (vae.config.scaling_factor, vae.config.shift_factor, vae.config.latent_channels) == (0.3611, 0.1159, 16)

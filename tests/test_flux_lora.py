@@ -14,8 +14,8 @@ from library.errors import UserError
 from library.families.base import ModelComponents
 from library.families.flux import FluxFamily, FluxLoraSettings
 from library.models import flux_checkpoint as ckpt
-from library.models.tiny import tiny_clip_text_model
-from library.models.tiny_flux import tiny_flux_transformer, tiny_t5_encoder
+from library.tiny_models.sd import tiny_clip_text_model
+from library.tiny_models.flux import tiny_flux_transformer, tiny_t5_encoder
 from networks.lora import create_network
 
 DOUBLE_NAMES = {f"lora_unet_double_blocks_0_{part}" for part in (
@@ -126,7 +126,7 @@ def test_network_args_are_split_from_networks_lora_keys():
 def test_diffusers_layout_is_applied_exactly_by_flux_pipeline(tmp_path):
     from diffusers import FluxPipeline
 
-    from library.models.tiny_flux import save_tiny_flux_pipeline
+    from library.tiny_models.flux import save_tiny_flux_pipeline
 
     folder = save_tiny_flux_pipeline(str(tmp_path / "model"))
     pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)

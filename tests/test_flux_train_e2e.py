@@ -31,7 +31,7 @@ HEADLINE_FLAGS = ["--timestep_sampling", "shift", "--discrete_flow_shift", "3.15
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory):
-    from library.models.tiny_flux import save_tiny_flux_pipeline, save_tiny_flux_single_files
+    from library.tiny_models.flux import save_tiny_flux_pipeline, save_tiny_flux_single_files
 
     root = tmp_path_factory.mktemp("tiny_flux")
     return save_tiny_flux_pipeline(str(root / "folder")), save_tiny_flux_single_files(str(root / "files"))
@@ -137,7 +137,7 @@ def test_schnell_defaults_and_rejections(tmp_path, demo_image_root):
     from library.config.arguments import parse_training_args
     from library.errors import UserError
     from library.families import get_family
-    from library.models.tiny_flux import save_tiny_flux_pipeline
+    from library.tiny_models.flux import save_tiny_flux_pipeline
 
     folder = save_tiny_flux_pipeline(str(tmp_path / "schnell"), guidance_embeds=False)
     common = ["--pretrained_model_name_or_path", folder, "--output_dir", str(tmp_path), "--train_data_dir",

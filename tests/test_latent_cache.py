@@ -89,7 +89,7 @@ def test_memory_cache_matches_encoding_the_uncached_batch(tmp_path):
     ramp[..., 0] = np.arange(97)[None, :] * 2
     Image.fromarray(ramp).save(folder / "wide.png")  # odd spare width: the flipped crop offset differs
     write_png(folder / "square.png", size=(64, 64), color=(250, 0, 90))
-    dataset = make_dataset(folder, flip_aug=True, class_tokens="a, b, c, d, e",
+    dataset = make_dataset(folder, flip_aug=True, class_tokens="a, b, c, d, e, f, g, h",
                            captions=CaptionOptions(shuffle_caption=True))
     refs = [SampleRef(0, 0), SampleRef(1, 0)]
     uncached = [dataset.make_batch(refs, epoch, 0) for epoch in range(1, 5)]
@@ -99,11 +99,12 @@ def test_memory_cache_matches_encoding_the_uncached_batch(tmp_path):
     assert (counts.encoded, counts.reused, counts.skipped) == (2, 0, 0)
     assert vae.encoded == 4  # every image and its flipped copy
     assert dataset.is_latent_cached
-    assert dataset.entries[0].latents.shape == (4, 8, 8) and dataset.entries[0].cache_path is None
+    first = dataset.cached_latents(dataset.entries[0])
+    assert first.latents.shape == (4, 8, 8) and first.path is None
     flips = set()
     for epoch, expected in zip(range(1, 5), uncached):
         batch = dataset.make_batch(refs, epoch, 0)
-        wide = dataset.entries[1]  # entries are sorted by path: square.png, wide.png
+        wide = dataset.cached_latents(dataset.entries[1])  # entries are sorted by path: square.png, wide.png
         flipped = torch.equal(batch["latents"][1], wide.latents_flipped)
         assert flipped or torch.equal(batch["latents"][1], wide.latents)
         assert batch["crop_top_lefts"][1].tolist() == [0, 17 if flipped else 16]
@@ -124,7 +125,8 @@ def test_disk_cache_written_then_reused(folder):
     counts = cache(dataset, vae)
     assert (counts.encoded, counts.reused, vae.encoded) == (3, 0, 3)
     path = os.path.join(folder, "a_0064x0064_fake.safetensors")
-    assert dataset.entries[0].cache_path == path and dataset.entries[0].latents is None
+    first = dataset.cached_latents(dataset.entries[0])
+    assert first.path == path and first.latents is None
     with safe_open(path, framework="pt") as f:
         assert sorted(f.keys()) == ["alpha_mask", "latents"]
         assert f.get_tensor("alpha_mask").shape == (1, 64, 64)
@@ -171,7 +173,7 @@ def test_touched_source_image_makes_its_cache_stale(folder):
 def test_bucket_change_makes_cache_stale(folder):
     old = make_dataset(folder)
     cache(old, CountingVae())
-    old_path = old.entries[0].cache_path
+    old_path = old.cached_latents(old.entries[0]).path
 
     new = make_dataset(folder, resolution=(64, 32))
     entry = new.entries[0]
@@ -179,7 +181,7 @@ def test_bucket_change_makes_cache_stale(folder):
     assert not is_cache_valid(old_path, entry, FakeStrategy(), need_flip=False)
     counts = cache(new, CountingVae())
     assert (counts.encoded, counts.reused) == (3, 0)
-    assert entry.cache_path == os.path.join(folder, "a_0064x0032_fake.safetensors")
+    assert new.cached_latents(entry).path == os.path.join(folder, "a_0064x0032_fake.safetensors")
 
 
 def test_family_identity_change_makes_cache_stale(folder):
@@ -206,7 +208,7 @@ def test_missing_flip_or_alpha_makes_cache_stale(folder):
     assert not is_cache_valid(cache_file_path(entry, FakeStrategy()), entry, FakeStrategy(), False, need_alpha=True)
     vae = CountingVae()
     assert cache(flipping, vae).encoded == 3 and vae.encoded == 6
-    with safe_open(entry.cache_path, framework="pt") as f:
+    with safe_open(flipping.cached_latents(entry).path, framework="pt") as f:
         assert sorted(f.keys()) == ["latents", "latents_flipped"]
         assert f.metadata()["flip"] == "1"
 
@@ -237,7 +239,7 @@ def test_cache_dir_names_do_not_collide(tmp_path):
     assert cache(dataset, CountingVae(), cache_dir=cache_dir).encoded == 2
     names = sorted(os.listdir(cache_dir))
     assert len(names) == 2 and all(n.startswith("same_") and n.endswith("_0064x0064_fake.safetensors") for n in names)
-    assert sorted(os.path.basename(e.cache_path) for e in dataset.entries) == names
+    assert sorted(os.path.basename(dataset.cached_latents(e).path) for e in dataset.entries) == names
     assert not any(name.endswith(".safetensors") for name in os.listdir(first))
     assert cache(TrainDataset.from_spec(spec, seed=0), CountingVae(), cache_dir=cache_dir).reused == 2
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
 from library.families.base import LoraTarget
-from library.models.tiny import tiny_sd15_pipeline
+from library.tiny_models.sd import tiny_sd15_pipeline
 from lora_checks import expected_delta
 from networks import network_arguments
 from networks.lora import create_network

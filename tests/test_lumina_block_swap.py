@@ -12,7 +12,7 @@ from block_swap_checks import PoisonBackend, one_thread, replay_events  # noqa: 
 from library.errors import UserError
 from library.families.base import ModelComponents
 from library.families.lumina import LuminaFamily, enable_block_swap
-from library.models.tiny_lumina import tiny_gemma2, tiny_lumina_transformer
+from library.tiny_models.lumina import tiny_gemma2, tiny_lumina_transformer
 from networks.lora import create_network
 
 NUM_BLOCKS, SWAPPED = 6, 4

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from library.models import lumina_checkpoint as ckpt
-from library.models.tiny_lumina import save_tiny_lumina_single_files, tiny_gemma2, tiny_lumina_transformer
+from library.tiny_models.lumina import save_tiny_lumina_single_files, tiny_gemma2, tiny_lumina_transformer
 
 
 def test_original_single_file_round_trip_is_exact(tmp_path):

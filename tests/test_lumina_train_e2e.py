@@ -27,7 +27,7 @@ TRANSFORMER_MODULES = 3 * 6 + 5
 
 @pytest.fixture(scope="module")
 def tiny_lumina(tmp_path_factory):
-    from library.models.tiny_lumina import save_tiny_lumina_pipeline, save_tiny_lumina_single_files
+    from library.tiny_models.lumina import save_tiny_lumina_pipeline, save_tiny_lumina_single_files
 
     root = tmp_path_factory.mktemp("tiny_lumina")
     return save_tiny_lumina_pipeline(str(root / "folder")), save_tiny_lumina_single_files(str(root / "files"))
@@ -109,7 +109,7 @@ def test_single_files_kohya_names_and_lossless_conversion(tiny_lumina, demo_imag
 
 def test_full_fine_tune_writes_an_original_single_file(tiny_lumina, demo_image_root, tmp_path):
     from library.models.lumina_checkpoint import load_lumina_transformer
-    from library.models.tiny_lumina import tiny_lumina_transformer
+    from library.tiny_models.lumina import tiny_lumina_transformer
 
     _, files = tiny_lumina
     train("full", single_file_args(files), demo_image_root, tmp_path / "out", "--max_train_steps", "2",

@@ -221,7 +221,7 @@ def tiny_models(tmp_path_factory):
 
     def folder(family):
         if family not in built:
-            module = importlib.import_module(f"library.models.tiny_{family}")
+            module = importlib.import_module(f"library.tiny_models.{family}")
             built[family] = getattr(module, f"save_tiny_{family}_pipeline")(str(root / family))
         return built[family]
 

@@ -12,7 +12,7 @@ from block_swap_checks import PoisonBackend, one_thread, replay_events  # noqa: 
 from library.errors import UserError
 from library.families.base import ModelComponents
 from library.families.sd3 import SD3Family, enable_block_swap
-from library.models.tiny_sd3 import CLIP_G_WIDTH, CLIP_L_WIDTH, tiny_sd3_clip, tiny_sd3_transformer
+from library.tiny_models.sd3 import CLIP_G_WIDTH, CLIP_L_WIDTH, tiny_sd3_clip, tiny_sd3_transformer
 from networks.lora import create_network
 
 NUM_BLOCKS, SWAPPED = 6, 4

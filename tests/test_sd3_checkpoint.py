@@ -9,7 +9,7 @@ import torch
 from library.families.sd3 import SD3NoiseScheme
 from library.families.sd3_text import drop_encoder_outputs, mmdit_inputs
 from library.models import sd3_checkpoint as ckpt
-from library.models.tiny_sd3 import save_tiny_sd3_single_file, tiny_sd3_clip, tiny_sd3_t5, tiny_sd3_transformer, tiny_sd3_vae
+from library.tiny_models.sd3 import save_tiny_sd3_single_file, tiny_sd3_clip, tiny_sd3_t5, tiny_sd3_transformer, tiny_sd3_vae
 from library.training.flow_matching import FlowMatchingOptions
 
 

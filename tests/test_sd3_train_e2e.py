@@ -26,7 +26,7 @@ KOHYA_KEY = re.compile(
 
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory):
-    from library.models.tiny_sd3 import save_tiny_sd3_pipeline, save_tiny_sd3_single_file
+    from library.tiny_models.sd3 import save_tiny_sd3_pipeline, save_tiny_sd3_single_file
 
     root = tmp_path_factory.mktemp("tiny_sd3")
     return save_tiny_sd3_pipeline(str(root / "folder35"), dual_attention=True), \
@@ -99,7 +99,7 @@ def test_sd35_folder_diffusers_lora_loads_in_diffusers(tiny_sd3, demo_image_root
 def test_single_file_kohya_lora_converts_both_ways(tiny_sd3, demo_image_root, tmp_path):
     from library.families import get_family
     from library.lora_formats import convert_lora_file
-    from library.models.tiny_sd3 import save_tiny_sd3_pipeline
+    from library.tiny_models.sd3 import save_tiny_sd3_pipeline
 
     _, files = tiny_sd3
     model_args = ["--pretrained_model_name_or_path", files["checkpoint"], "--t5_tokenizer", files["t5_tokenizer"]]

@@ -30,7 +30,7 @@ def assert_same_weights(model_a, model_b):
 
 @pytest.fixture(scope="module")
 def pipeline():
-    from library.models.tiny import tiny_sd15_pipeline
+    from library.tiny_models.sd import tiny_sd15_pipeline
 
     return tiny_sd15_pipeline(seed=1)
 
@@ -52,7 +52,7 @@ def tiny_sd2_pipeline():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from library.models.tiny import tiny_vae
+    from library.tiny_models.sd import tiny_vae
     from library.models.sd_checkpoint import build_sd_pipeline
 
     torch.manual_seed(2)
@@ -171,9 +171,9 @@ def test_flux_file_names_the_flux_script(tmp_path):
     path = str(tmp_path / "flux1-dev.safetensors")
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, path)
     assert read_checkpoint_keys(path) == ["double_blocks.0.img_attn.qkv.weight"]
-    with pytest.raises(UserError, match=r"looks like a FLUX checkpoint; use flux_train_network.py"):
+    with pytest.raises(UserError, match=r"looks like a FLUX.1 checkpoint; use flux_train_network.py"):
         load_sd_models(path)
-    with pytest.raises(UserError, match=r"use flux_train.py"):
+    with pytest.raises(UserError, match=r"FLUX.1 has no full fine-tuning script yet, train a LoRA with flux_train_network.py"):
         load_sd_models(path, full_finetune=True)
 
 

@@ -43,7 +43,7 @@ def v2_tokenizer():
 
 @pytest.fixture(scope="module")
 def text_encoder():
-    from library.models.tiny import tiny_clip_text_model
+    from library.tiny_models.sd import tiny_clip_text_model
 
     return tiny_clip_text_model().eval()
 

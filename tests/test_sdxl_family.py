@@ -37,7 +37,7 @@ def parse(*argv, full=False):
 
 @pytest.fixture(scope="module")
 def pipe():
-    from library.models.tiny_sdxl import tiny_sdxl_pipeline
+    from library.tiny_models.sdxl import tiny_sdxl_pipeline
 
     pipeline = tiny_sdxl_pipeline()
     for part in (pipeline.text_encoder, pipeline.text_encoder_2, pipeline.unet):
@@ -219,7 +219,7 @@ def test_lora_names_follow_sd_scripts_sdxl_layout(pipe):
 # ---- text-encoder cache identity ----------------------------------------------------------------------
 
 def test_text_encoder_cache_identity_names_encoders_length_and_weighting(pipe):
-    from library.models.tiny import tiny_clip_text_model
+    from library.tiny_models.sd import tiny_clip_text_model
 
     family, args = parse("--max_token_length", "150", "--weighted_captions")
     family.encoders_fingerprint = text_encoders_fingerprint(pipe.text_encoder, pipe.text_encoder_2)
@@ -262,7 +262,7 @@ def test_wrong_family_files_and_folders_name_the_right_script(tmp_path):
     folder = tmp_path / "flux"
     os.makedirs(folder)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(UserError, match="looks like a FLUX checkpoint; use flux_train.py"):
+    with pytest.raises(UserError, match="looks like a FLUX.1 checkpoint; FLUX.1 has no full fine-tuning script yet, train a LoRA with flux_train_network.py"):
         load_sdxl_models(str(folder), full_finetune=True)
 
 

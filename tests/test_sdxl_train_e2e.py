@@ -28,7 +28,7 @@ KOHYA_KEY = re.compile(r"lora_(unet|te1|te2)_[a-z0-9_]+\.(lora_down\.weight|lora
 def tiny_sdxl(tmp_path_factory):
     """(pipeline in memory, its diffusers folder, the same weights as an SGM single file)."""
     from library.models.sdxl_checkpoint import save_sdxl_single_file
-    from library.models.tiny_sdxl import tiny_sdxl_pipeline
+    from library.tiny_models.sdxl import tiny_sdxl_pipeline
 
     root = tmp_path_factory.mktemp("tiny_sdxl")
     pipe = tiny_sdxl_pipeline()

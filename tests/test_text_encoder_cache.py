@@ -88,7 +88,7 @@ def test_dropped_captions_use_the_cached_empty_conditioning(tiny_sd15_folder, de
     assert 0 < len(dropped) < len(samples)
     empty = fresh("")
     for _, _, conditioning in dropped:
-        assert torch.equal(conditioning, dataset.empty_conditioning["encoder_hidden_states"])
+        assert torch.equal(conditioning, dataset.text_source.empty_conditioning["encoder_hidden_states"])
         torch.testing.assert_close(conditioning, empty)
     for _, caption, conditioning in samples:
         if caption:
@@ -99,8 +99,9 @@ def test_shuffled_captions_are_cached_as_variants_drawn_per_epoch(tiny_sd15_fold
     dataset, fresh = cached_dataset(tiny_sd15_folder, demo_image_root, tmp_path, "--shuffle_caption",
                                     "--text_encoder_cache_variants", "4")
     entry = dataset.entries[0]  # "a red circle, flat drawing": two tags to shuffle
-    assert len(entry.caption_variants) == 4 and len(set(entry.caption_variants)) == 2
-    assert all(sorted(v.split(", ")) == sorted(entry.caption.split(", ")) for v in entry.caption_variants)
+    variants = dataset.cached_text(entry).variants
+    assert len(variants) == 4 and len(set(variants)) == 2
+    assert all(sorted(v.split(", ")) == sorted(entry.caption.split(", ")) for v in variants)
     seen: dict[str, set] = {}
     for _, caption, conditioning in all_samples(dataset, range(1, 7)):
         torch.testing.assert_close(conditioning, fresh(caption))

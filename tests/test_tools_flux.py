@@ -15,8 +15,8 @@ from tools.merge_lora import merge_lora
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    from library.models.tiny import tiny_clip_text_model
-    from library.models.tiny_flux import (
+    from library.tiny_models.sd import tiny_clip_text_model
+    from library.tiny_models.flux import (
         save_tiny_flux_pipeline, save_tiny_flux_single_files, tiny_flux_transformer, tiny_t5_encoder,
     )
     from networks.lora import create_network

@@ -103,7 +103,7 @@ def test_convert_errors(kohya_lora, tmp_path):
 
     write_lora(foreign, {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8),
                          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(24, 2)}, {}, "kohya")
-    with pytest.raises(UserError, match=r"1 of 1 modules .* not layers of a Stable Diffusion.*looks like a FLUX LoRA"):
+    with pytest.raises(UserError, match=r"1 of 1 modules .* not layers of a Stable Diffusion.*looks like a FLUX.1 LoRA"):
         convert_lora([foreign, str(tmp_path / "x.safetensors"), "--to", "diffusers", "--family", "sd"])
 
 
@@ -112,7 +112,7 @@ def test_show_metadata_summarises_a_lora(kohya_lora, tmp_path, capsys):
     convert_lora([kohya_lora, diffusers_file, "--to", "diffusers"])
     show_metadata([diffusers_file])
     out = capsys.readouterr().out
-    assert "LoRA: SD 1.x/2.x family, diffusers layout, 289 modules (50 on 3x3 convolutions)" in out
+    assert "LoRA: Stable Diffusion 1.x/2.x family, diffusers layout, 289 modules (50 on 3x3 convolutions)" in out
     assert "rank: 2 (50 modules), 4 (239 modules)" in out and "alpha: 1 (50 modules), 2 (239 modules)" in out
     assert "parts: text_encoder 12, unet 277" in out and "tensor dtypes: BF16 578" in out
     assert out.index("ss_network_dim: 4") < out.index("lora_adapter_metadata:")  # ss_* first
@@ -130,7 +130,7 @@ def test_command_lines(kohya_lora, tmp_path):
     convert_lora([kohya_lora, comfy, "--to", "comfy"])
     result = run_script("tools/show_metadata.py", comfy)
     assert result.returncode == 0, result.stderr
-    assert "LoRA: SD 1.x/2.x family, comfy layout, 289 modules" in result.stdout
+    assert "LoRA: Stable Diffusion 1.x/2.x family, comfy layout, 289 modules" in result.stdout
     assert "parts: diffusion_model 277, text_encoder 12" in result.stdout
     with pytest.raises(UserError, match="missing.safetensors: file not found"):
         show_metadata([str(tmp_path / "missing.safetensors")])

@@ -15,7 +15,7 @@ from tools_fixtures import write_random_lora
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     from library.models.sdxl_checkpoint import save_sdxl_single_file
-    from library.models.tiny_sdxl import tiny_sdxl_pipeline
+    from library.tiny_models.sdxl import tiny_sdxl_pipeline
 
     folder = tmp_path_factory.mktemp("sdxl")
     pipe = tiny_sdxl_pipeline()

@@ -104,11 +104,11 @@ def test_use_existing_cache_files_is_all_or_nothing(tmp_path):
     os.remove(os.path.join(folder, "b_0064x0064_fake.safetensors"))
     dataset = make_dataset(folder)
     assert not use_existing_cache_files(dataset, FakeStrategy(), cache_dir=None, skip_cache_check=False)
-    assert [entry.cache_path for entry in dataset.entries] == [None, None, None]
+    assert [dataset.cached_latents(entry) for entry in dataset.entries] == [None, None, None]
 
     cache(make_dataset(folder), CountingVae())
     assert use_existing_cache_files(dataset, FakeStrategy(), cache_dir=None, skip_cache_check=False)
-    assert [entry.cache_path for entry in dataset.entries] == [
+    assert [dataset.cached_latents(entry).path for entry in dataset.entries] == [
         os.path.join(folder, f"{name}_0064x0064_fake.safetensors") for name in "abc"]
     assert dataset.is_latent_cached
     assert not use_existing_cache_files(make_dataset(folder), FakeStrategy({"vae": "other"}), cache_dir=None,

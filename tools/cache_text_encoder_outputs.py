@@ -40,7 +40,7 @@ def cache_text_encoder_outputs(argv: list[str]):
 
     from accelerate import PartialState
 
-    from library.training.trainer import move_module, torch_dtype
+    from library.devices import move_module, torch_dtype
 
     state = PartialState()
     dataset = load_dataset(args)

@@ -70,7 +70,7 @@ def _check_options(args: argparse.Namespace) -> None:
 def merge_lora(argv: list[str]) -> None:
     from library import lora_merge
     from library.families import get_family
-    from library.training.trainer import torch_dtype
+    from library.devices import torch_dtype
 
     args = build_parser().parse_args(argv)
     _check_options(args)

@@ -69,7 +69,7 @@ def lora_part(name: str, layout: str) -> str:
 
 
 def lora_summary_lines(header) -> list[str]:
-    from library.lora_formats import FAMILY_NAMES, detect_family, read_lora
+    from library.lora_formats import detect_family, family_display_name, read_lora
 
     lora = read_lora(header.path)  # LoRA files are small; this also resolves diffusers' metadata alphas
     modules = lora.modules
@@ -79,7 +79,7 @@ def lora_summary_lines(header) -> list[str]:
     conv = sum(1 for pair in modules.values() if pair.down.dim() == 4 and pair.down.shape[-1] > 1)
     dtypes = Counter(info.dtype for info in header.tensors.values())
     return [
-        f"LoRA: {FAMILY_NAMES[detect_family(header.tensors)]} family, {lora.layout} layout, {len(modules)} modules"
+        f"LoRA: {family_display_name(detect_family(header.tensors))} family, {lora.layout} layout, {len(modules)} modules"
         + (f" ({conv} on 3x3 convolutions)" if conv else ""),
         "rank: " + ", ".join(f"{rank} ({count} modules)" for rank, count in sorted(ranks.items())),
         "alpha: " + ", ".join(f"{alpha:g} ({count} modules)" for alpha, count in sorted(alphas.items())),
@@ -89,13 +89,13 @@ def lora_summary_lines(header) -> list[str]:
 
 
 def checkpoint_summary_lines(header) -> list[str]:
-    from library.models.checkpoint_detect import FAMILY_DISPLAY_NAMES, detect_checkpoint_family
+    from library.models.checkpoint_detect import checkpoint_display_name, detect_checkpoint_family
 
     family = detect_checkpoint_family(header.tensors)
     parameters = sum(info.nbytes for info in header.tensors.values())
     dtypes = Counter(info.dtype for info in header.tensors.values())
     return [f"not a LoRA: {len(header.tensors)} tensors, {parameters / 2**30:.2f} GiB of weights, "
-            f"looks like {FAMILY_DISPLAY_NAMES.get(family, family)}",
+            f"looks like {checkpoint_display_name(family)}",
             "tensor dtypes: " + ", ".join(f"{dtype} {count}" for dtype, count in sorted(dtypes.items()))]
 
 

@@ -4,8 +4,10 @@ Owns `TrainDataset` (all images of all datasets, with their buckets), the order 
 (`batches_for_epoch`: a pure function of seed and epoch, so a resumed run skips the first k batches
 and sees exactly the batches an uninterrupted run would), assembling one batch (`make_batch`: pixels
 or cached latents, captions through the caption pipeline, SDXL-style size conditioning, loss weights
-and alpha masks), `EpochLoader` to feed a torch DataLoader, and the latent-caching command-line
-flags. Epochs are 1-based, as in `library.data.captions.process_caption`.
+and alpha masks), `EpochLoader` to feed a torch DataLoader, and the latent-caching and data-loading
+command-line flags. Epochs are 1-based, as in `library.data.captions.process_caption`. The two caches hand the
+dataset a source object it holds (`use_latent_source`, `use_text_source`): it asks them for an
+entry's latents or caption conditioning by `entry_id` and never imports the cache modules.
 
 Every random choice for one sample (flip, crop, colour jitter, caption) comes from a
 `random.Random` seeded by (seed, epoch, image path, dataset, repeat), so it is the same whether or
@@ -36,6 +38,9 @@ from library.errors import UserError
 
 if TYPE_CHECKING:
     import torch
+
+    from library.data.latent_cache import CachedLatents, LatentSource
+    from library.data.text_encoder_cache import CachedText, TextSource
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +81,8 @@ class TrainDataset:
         self._batches_cache: tuple[int, list[list[SampleRef]]] | None = None  # (epoch, its batches)
         # batches hold batch_size * num_processes samples, split among the processes by the trainer
         self.num_processes = 1
-        self.empty_conditioning: Optional[dict] = None  # set by the text-encoder output cache
+        self.latent_source: Optional["LatentSource"] = None  # handed over by the latent cache
+        self.text_source: Optional["TextSource"] = None  # handed over by the text-encoder output cache
         self._rebalance()
 
     @classmethod
@@ -124,7 +130,30 @@ class TrainDataset:
 
     @property
     def is_latent_cached(self) -> bool:
-        return bool(self.entries) and all(entry.is_latent_cached for entry in self.entries)
+        return bool(self.entries) and all(self.cached_latents(entry) is not None for entry in self.entries)
+
+    # ------------------------------------------------------------ caches
+
+    def entry_id(self, entry: ImageEntry) -> str:
+        """dataset:subset:image path inside the subset's folder - what the caches key an entry by
+        (stable across worker processes and independent of where the dataset folder lives)."""
+        subsets = self.datasets[entry.dataset_index].subsets
+        subset_index = next(i for i, subset in enumerate(subsets) if subset is entry.subset)
+        folder = entry.subset.image_dir
+        name = os.path.relpath(entry.image_path, folder) if folder else os.path.basename(entry.image_path)
+        return f"{entry.dataset_index}:{subset_index}:{name}"
+
+    def use_latent_source(self, source: "LatentSource") -> None:
+        self.latent_source = source
+
+    def use_text_source(self, source: "TextSource") -> None:
+        self.text_source = source
+
+    def cached_latents(self, entry: ImageEntry) -> Optional["CachedLatents"]:
+        return self.latent_source.get(self.entry_id(entry)) if self.latent_source is not None else None
+
+    def cached_text(self, entry: ImageEntry) -> Optional["CachedText"]:
+        return self.text_source.get(self.entry_id(entry)) if self.text_source is not None else None
 
     def log_summary(self) -> None:
         for index, spec in enumerate(self.datasets):
@@ -175,8 +204,10 @@ class TrainDataset:
         return batches
 
     def _sample_rng(self, epoch: int, ref: SampleRef) -> random.Random:
+        """Data-side randomness of one sample (flip, crop, caption shuffle and dropout), keyed like the
+        noise by the sample's location-independent key: a moved dataset folder trains the same."""
         entry = self.entries[ref.entry_index]
-        return random.Random(f"sample:{self.seed}:{epoch}:{entry.dataset_index}:{entry.image_path}:{ref.repeat}")
+        return random.Random(f"sample:{self.seed}:{epoch}:{self._sample_key(entry, ref.repeat)}")
 
     # ------------------------------------------------------------ batches
 
@@ -229,14 +260,16 @@ class TrainDataset:
         subset = entry.subset
         rng = self._sample_rng(epoch, ref)
         flip = subset.flip_aug and rng.random() < 0.5
-        if entry.is_latent_cached:
-            sample = self._cached_sample(entry, flip)
+        cached_latents = self.cached_latents(entry)
+        if cached_latents is not None:
+            sample = self._cached_sample(entry, cached_latents, flip)
         else:
             sample = self._image_sample(entry, flip, rng)
             if sample is None:
                 return None
-        if entry.is_text_cached:
-            sample["caption"], sample["conditioning"] = self._cached_conditioning(entry, rng, epoch)
+        cached_text = self.cached_text(entry)
+        if cached_text is not None:
+            sample["caption"], sample["conditioning"] = self._cached_conditioning(entry, cached_text, rng, epoch)
         else:
             sample["caption"] = process_caption(entry.caption, subset.captions, rng, epoch, global_step,
                                                 self.max_train_steps)
@@ -248,23 +281,18 @@ class TrainDataset:
             sample["alpha"] = None
         return sample
 
-    def _cached_conditioning(self, entry: ImageEntry, rng: random.Random, epoch: int) -> tuple[str, dict]:
+    def _cached_conditioning(self, entry: ImageEntry, cached: "CachedText", rng: random.Random,
+                             epoch: int) -> tuple[str, dict]:
         """Caption dropout picks the cached empty-caption conditioning, else this epoch's variant."""
-        from library.data.text_encoder_cache import load_conditioning
-
         if is_caption_dropped(entry.subset.captions, rng, epoch):
-            return "", self.empty_conditioning
-        variant = rng.randrange(len(entry.caption_variants))
-        return entry.caption_variants[variant], load_conditioning(entry, variant)
+            return "", self.text_source.empty_conditioning
+        variant = rng.randrange(len(cached.variants))
+        return cached.variants[variant], cached.conditioning(variant)
 
     def _sample_key(self, entry: ImageEntry, repeat: int) -> str:
-        """dataset:subset:image path inside the subset's folder:repeat - names a sample independently of
-        where the dataset folder lives (the trainer keys each sample's noise by it)."""
-        subsets = self.datasets[entry.dataset_index].subsets
-        subset_index = next(i for i, subset in enumerate(subsets) if subset is entry.subset)
-        folder = entry.subset.image_dir
-        name = os.path.relpath(entry.image_path, folder) if folder else os.path.basename(entry.image_path)
-        return f"{entry.dataset_index}:{subset_index}:{name}:{repeat}"
+        """entry_id:repeat - names a sample independently of where the dataset folder lives (the
+        trainer keys each sample's noise by it)."""
+        return f"{self.entry_id(entry)}:{repeat}"
 
     def _image_sample(self, entry: ImageEntry, flip: bool, rng: random.Random) -> Optional[dict]:
         try:
@@ -281,16 +309,10 @@ class TrainDataset:
             "original_size_hw": prepared.original_size_hw, "crop_top_left": prepared.crop_top_left,
         }
 
-    def _cached_sample(self, entry: ImageEntry, flip: bool) -> dict:
+    def _cached_sample(self, entry: ImageEntry, cached: "CachedLatents", flip: bool) -> dict:
         import torch
 
-        if entry.latents is not None:
-            latents = entry.latents_flipped if flip else entry.latents
-            alpha = entry.alpha_mask
-        else:
-            from library.data.latent_cache import load_cached_latents
-
-            latents, alpha = load_cached_latents(entry.cache_path, flipped=flip)
+        latents, alpha = cached.load(flip)
         if flip and latents is None:
             raise RuntimeError(f"flip_aug needs flipped latents for {entry.image_path}: re-run latent caching")
         if alpha is not None and flip:
@@ -323,7 +345,7 @@ class EpochLoader:
     """One epoch's batches as a map-style dataset for `torch.utils.data.DataLoader(batch_size=None)`.
 
     Item i is `make_batch` of batch `start_batch + i` of this loader's batch list (the epoch's
-    batches, or one process's share after `shard`). `global_step_of_batch(k)` gives the optimizer
+    batches, or the list given: one process's shares). `global_step_of_batch(k)` gives the optimizer
     step count in force when the k-th batch of that list is trained (for token warmup).
     """
 
@@ -343,11 +365,6 @@ class EpochLoader:
         if not 0 <= start_batch <= len(self.batches):
             raise ValueError(f"start_batch {start_batch} outside the epoch's {len(self.batches)} batches")
 
-    def shard(self, rank: int, world_size: int) -> "EpochLoader":
-        """This process's batches (every world_size-th from `rank`); start_batch counts within them."""
-        return EpochLoader(self.dataset, self.epoch, self.start_batch, self.global_step_of_batch,
-                           batches=self.batches[rank::world_size])
-
     def __len__(self) -> int:
         return len(self.batches) - self.start_batch
 
@@ -359,7 +376,7 @@ class EpochLoader:
 
 
 def add_caching_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("latent caching and data loading")
+    group = parser.add_argument_group("latent caching")
     group.add_argument("--cache_latents", action="store_true",
                        help="encode all images with the VAE once before training and keep the latents in memory")
     group.add_argument("--cache_latents_to_disk", action="store_true",
@@ -369,6 +386,10 @@ def add_caching_arguments(parser: argparse.ArgumentParser) -> None:
                        help="reuse existing latent cache files without checking that they match the images")
     group.add_argument("--latents_cache_dir", default=None, metavar="DIR",
                        help="folder for latent cache files (default: next to each image)")
+
+
+def add_data_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data loading")
     group.add_argument("--max_data_loader_n_workers", type=int, default=0,
                        help="worker processes that build batches (default: 0 = in the training process)")
     group.add_argument("--prior_loss_weight", type=float, default=1.0,

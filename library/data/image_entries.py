@@ -13,17 +13,14 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from library.config.dataset_spec import SubsetSpec
 from library.data.buckets import BucketManager
 from library.data.captions import CaptionFileError, caption_from_path, is_path_skipped, read_caption_file
 from library.data.images import IMAGE_EXTENSIONS, CropPlan, ImageLoadError, is_image_file, plan_crop, read_image_size
 from library.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -43,32 +40,10 @@ class ImageEntry:
     resized_wh: tuple[int, int]  # size before cropping to the bucket
     is_reg: bool
     num_repeats: int  # subset.num_repeats, or what regularisation balancing made of it
-    # Latent cache: tensors in memory (--cache_latents) or a file (--cache_latents_to_disk).
-    latents: Optional["torch.Tensor"] = field(default=None, repr=False)
-    latents_flipped: Optional["torch.Tensor"] = field(default=None, repr=False)
-    alpha_mask: Optional["torch.Tensor"] = field(default=None, repr=False)
-    cache_path: Optional[str] = None
-    # Text-encoder output cache (library/data/text_encoder_cache.py): the caption variants and
-    # their conditioning, in memory or in a file.
-    caption_variants: Optional[list[str]] = field(default=None, repr=False)
-    text_outputs: Optional[list[dict]] = field(default=None, repr=False)
-    text_cache_path: Optional[str] = None
 
     def center_crop(self) -> CropPlan:
         """The deterministic resize and crop without random_crop: what cached latents were made from."""
         return plan_crop(self.image_size_wh, self.bucket_wh, False, random.Random(0), self.resized_wh)
-
-    @property
-    def is_text_cached(self) -> bool:
-        return self.text_outputs is not None or self.text_cache_path is not None
-
-    @property
-    def is_latent_cached(self) -> bool:
-        return self.latents is not None or self.cache_path is not None
-
-    def clear_latent_cache(self) -> None:
-        self.latents = self.latents_flipped = self.alpha_mask = None
-        self.cache_path = None
 
 
 class SkipReport:

@@ -9,6 +9,9 @@ when a subset uses flip_aug; the flipped image is encoded, not the latents flipp
 depend on (format version, the strategy's cache identity such as family and latent channels,
 bucket, resize and crop, the source file's size and mtime); any difference, a missing tensor or an
 unreadable file makes the file stale and it is rebuilt, never silently used.
+
+The cache hands the dataset a `LatentSource` (`dataset.use_latent_source`): each entry's
+`CachedLatents`, tensors in memory or the file read per batch. It never changes the entries.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from library.atomic_io import save_safetensors_atomic
@@ -145,6 +148,38 @@ class _CacheJob:
         return self.entries[0]
 
 
+@dataclass
+class CachedLatents:
+    """One image's latents at one bucket: tensors in memory (--cache_latents) or the cache file they
+    are read from for each batch (--cache_latents_to_disk)."""
+
+    path: Optional[str] = None
+    latents: Optional["torch.Tensor"] = field(default=None, repr=False)
+    latents_flipped: Optional["torch.Tensor"] = field(default=None, repr=False)
+    alpha_mask: Optional["torch.Tensor"] = field(default=None, repr=False)
+
+    def load(self, flipped: bool) -> tuple[Optional["torch.Tensor"], Optional["torch.Tensor"]]:
+        """(latents or flipped latents - None when not cached -, alpha mask as stored or None)."""
+        if self.path is not None:
+            return load_cached_latents(self.path, flipped)
+        return (self.latents_flipped if flipped else self.latents), self.alpha_mask
+
+
+class LatentSource:
+    """What the latent cache hands the dataset: the cached latents of each entry, by the dataset's
+    entry id (entries that share an image and bucket share one CachedLatents)."""
+
+    def __init__(self) -> None:
+        self._by_entry: dict[str, CachedLatents] = {}
+
+    def add(self, entry_ids: list[str], cached: CachedLatents) -> None:
+        for entry_id in entry_ids:
+            self._by_entry[entry_id] = cached
+
+    def get(self, entry_id: str) -> Optional[CachedLatents]:
+        return self._by_entry.get(entry_id)
+
+
 def _jobs_for(entries: list[ImageEntry], strategy, to_disk: bool, cache_dir: Optional[str]) -> list[_CacheJob]:
     by_key: dict[tuple, list[ImageEntry]] = {}
     for entry in entries:
@@ -166,15 +201,15 @@ def _is_reusable(job: _CacheJob, strategy, skip_cache_check: bool) -> bool:
 def use_existing_cache_files(
     dataset: "TrainDataset", strategy: "LatentsCachingStrategy", *, cache_dir: Optional[str], skip_cache_check: bool
 ) -> bool:
-    """Point every entry at its valid cache file if ALL of them have one (then no VAE is needed);
-    returns False, leaving the entries unchanged, as soon as one image would need encoding."""
+    """Hand the dataset a LatentSource of cache files if EVERY entry has a valid one (then no VAE is
+    needed); returns False, handing nothing over, as soon as one image would need encoding."""
     jobs = _jobs_for(dataset.entries, strategy, True, cache_dir)
     if not all(_is_reusable(job, strategy, skip_cache_check) for job in jobs):
         return False
+    source = LatentSource()
     for job in jobs:
-        for entry in job.entries:
-            entry.clear_latent_cache()
-            entry.cache_path = job.path
+        source.add(_entry_ids(dataset, job), CachedLatents(path=job.path))
+    dataset.use_latent_source(source)
     logger.info("latents: 0 images encoded, %d reused from cache files", len(jobs))
     return True
 
@@ -191,7 +226,7 @@ def cache_dataset_latents(
     skip_cache_check: bool = False,
     cache_dir: Optional[str] = None,
 ) -> CacheCounts:
-    """Give every entry of the dataset its latents: in memory, or in (reused or new) cache files.
+    """Cache every entry's latents in memory or in (reused or new) files; the dataset gets a LatentSource.
 
     The VAE must already be on `device` in eval mode. Images are encoded bucket by bucket,
     `batch_size` at a time. Images that cannot be read now are left out of the dataset with a
@@ -200,17 +235,20 @@ def cache_dataset_latents(
     dataset.validate_for_latent_caching()
     if batch_size < 1:
         raise UserError(f"--vae_batch_size must be at least 1, got {batch_size}")
-    counts = CacheCounts()
+    counts, source = CacheCounts(), LatentSource()
     todo = []
     for job in _jobs_for(dataset.entries, strategy, to_disk, cache_dir):
         if to_disk and _is_reusable(job, strategy, skip_cache_check):
-            for entry in job.entries:
-                entry.clear_latent_cache()
-                entry.cache_path = job.path
+            source.add(_entry_ids(dataset, job), CachedLatents(path=job.path))
             counts.reused += 1
         else:
             todo.append(job)
-    failed = _encode_jobs(todo, strategy, vae, batch_size, device, dtype, to_disk)
+    encoded = _encode_jobs(todo, strategy, vae, batch_size, device, dtype, to_disk)
+    for job, cached in encoded:
+        source.add(_entry_ids(dataset, job), cached)
+    done = {id(job) for job, _ in encoded}
+    failed = [job for job in todo if id(job) not in done]
+    dataset.use_latent_source(source)
     counts.encoded = len(todo) - len(failed)
     counts.skipped = len(failed)
     if failed:
@@ -220,19 +258,24 @@ def cache_dataset_latents(
     return counts
 
 
-def _encode_jobs(jobs: list[_CacheJob], strategy, vae, batch_size: int, device, dtype, to_disk: bool) -> list[_CacheJob]:
-    """Encode and store the jobs' latents; returns the jobs whose image could not be read."""
+def _entry_ids(dataset: "TrainDataset", job: _CacheJob) -> list[str]:
+    return [dataset.entry_id(entry) for entry in job.entries]
+
+
+def _encode_jobs(jobs: list[_CacheJob], strategy, vae, batch_size: int, device, dtype,
+                 to_disk: bool) -> list[tuple[_CacheJob, CachedLatents]]:
+    """Encode and store the jobs' latents; jobs whose image could not be read are left out."""
     from tqdm import tqdm
 
     jobs = sorted(jobs, key=lambda job: (job.entry.bucket_wh, job.entry.image_path))
-    failed = []
+    done = []
     with tqdm(total=len(jobs), desc="caching latents", unit="img", disable=not jobs) as progress:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
             for bucket_chunk in _split_by_bucket(chunk):
-                failed.extend(_encode_chunk(bucket_chunk, strategy, vae, device, dtype, to_disk))
+                done.extend(_encode_chunk(bucket_chunk, strategy, vae, device, dtype, to_disk))
             progress.update(len(chunk))
-    return failed
+    return done
 
 
 def _split_by_bucket(jobs: list[_CacheJob]) -> list[list[_CacheJob]]:
@@ -242,30 +285,31 @@ def _split_by_bucket(jobs: list[_CacheJob]) -> list[list[_CacheJob]]:
     return list(groups.values())
 
 
-def _encode_chunk(jobs: list[_CacheJob], strategy, vae, device, dtype, to_disk: bool) -> list[_CacheJob]:
+def _encode_chunk(jobs: list[_CacheJob], strategy, vae, device, dtype,
+                  to_disk: bool) -> list[tuple[_CacheJob, CachedLatents]]:
     import random
 
     import torch
 
-    readable, prepared, failed = [], [], []
+    readable, prepared = [], []
     for job in jobs:
         try:
             image = load_image(job.entry.image_path)
         except ImageLoadError as e:
             logger.warning("skipping %s: %s", e.path, e.reason)
-            failed.append(job)
             continue
         entry = job.entry
         resized = entry.resized_wh if image.size == tuple(entry.image_size_wh) else None
         prepared.append(prepare_image(image, entry.bucket_wh, False, random.Random(0), flip=False, resized_wh=resized))
         readable.append(job)
     if not readable:
-        return failed
+        return []
     pixels = torch.stack([p.pixels for p in prepared]).to(device=device, dtype=dtype)
     flip_rows = [row for row, job in enumerate(readable) if job.need_flip]
     with torch.no_grad():
         latents = strategy.encode(vae, pixels).float().cpu()
         flipped = strategy.encode(vae, torch.flip(pixels[flip_rows], dims=[3])).float().cpu() if flip_rows else None
+    done = []
     for row, (job, image) in enumerate(zip(readable, prepared)):
         tensors = {"latents": latents[row].clone()}
         if job.need_flip:
@@ -273,21 +317,16 @@ def _encode_chunk(jobs: list[_CacheJob], strategy, vae, device, dtype, to_disk: 
         if job.need_alpha:
             alpha = image.alpha if image.alpha is not None else torch.ones(1, *pixels.shape[2:])
             tensors["alpha_mask"] = alpha
-        _store(job, tensors, strategy, to_disk)
-    return failed
+        done.append((job, _store(job, tensors, strategy, to_disk)))
+    return done
 
 
-def _store(job: _CacheJob, tensors: dict, strategy, to_disk: bool) -> None:
-    if to_disk:
-        metadata = expected_metadata(job.entry, strategy)
-        metadata["flip"] = "1" if "latents_flipped" in tensors else "0"
-        metadata["alpha_mask"] = "1" if "alpha_mask" in tensors else "0"
-        save_safetensors_atomic(tensors, job.path, metadata)
-    for entry in job.entries:
-        entry.clear_latent_cache()
-        if to_disk:
-            entry.cache_path = job.path
-        else:
-            entry.latents = tensors["latents"]
-            entry.latents_flipped = tensors.get("latents_flipped")
-            entry.alpha_mask = tensors.get("alpha_mask")
+def _store(job: _CacheJob, tensors: dict, strategy, to_disk: bool) -> CachedLatents:
+    if not to_disk:
+        return CachedLatents(latents=tensors["latents"], latents_flipped=tensors.get("latents_flipped"),
+                             alpha_mask=tensors.get("alpha_mask"))
+    metadata = expected_metadata(job.entry, strategy)
+    metadata["flip"] = "1" if "latents_flipped" in tensors else "0"
+    metadata["alpha_mask"] = "1" if "alpha_mask" in tensors else "0"
+    save_safetensors_atomic(tensors, job.path, metadata)
+    return CachedLatents(path=job.path)

@@ -11,7 +11,9 @@ dropout with cached outputs; this keeps them.
 A cache file is valid only if its metadata matches: format version, the family's encoder identity
 (which encoders, token length, flags) and a hash of the exact variant texts, so editing a caption
 or a caption option rebuilds that entry instead of training on stale conditioning. Writing our own
-cache here because no library covers per-sample conditioning caches.
+cache here because no library covers per-sample conditioning caches. The cache hands the dataset a
+`TextSource` (`dataset.use_text_source`): each entry's `CachedText` and the empty caption's
+conditioning. It never changes the entries.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from library.atomic_io import save_safetensors_atomic
@@ -84,6 +86,39 @@ def validate_text_cache_args(args: argparse.Namespace) -> None:
 class TextCacheCounts:
     encoded: int = 0
     reused: int = 0
+
+
+@dataclass
+class CachedText:
+    """One entry's caption variants and their conditioning: in memory, or in a cache file read per batch."""
+
+    variants: list[str]
+    outputs: Optional[list[dict]] = field(default=None, repr=False)
+    path: Optional[str] = None
+
+    def conditioning(self, variant: int) -> dict[str, "torch.Tensor"]:
+        if self.outputs is not None:
+            return self.outputs[variant]
+        from safetensors import safe_open
+
+        prefix = f"v{variant}."
+        with safe_open(self.path, "pt") as f:
+            return {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+
+
+class TextSource:
+    """What the text-encoder cache hands the dataset: each entry's CachedText by the dataset's entry
+    id, and the conditioning of the empty caption (what a dropped caption trains with)."""
+
+    def __init__(self, empty_conditioning: dict) -> None:
+        self.empty_conditioning = empty_conditioning
+        self._by_entry: dict[str, CachedText] = {}
+
+    def add(self, entry_id: str, cached: CachedText) -> None:
+        self._by_entry[entry_id] = cached
+
+    def get(self, entry_id: str) -> Optional[CachedText]:
+        return self._by_entry.get(entry_id)
 
 
 def caption_variants(entry: "ImageEntry", count: int, max_train_steps: Optional[int]) -> list[str]:
@@ -159,7 +194,7 @@ def _flatten(variants: list[dict]) -> dict:
 
 def cache_dataset_text_encoder_outputs(dataset: "TrainDataset", family, args: argparse.Namespace, components,
                                        device) -> TextCacheCounts:
-    """Encode every caption variant (and the empty caption) once; entries then carry their cache."""
+    """Encode every caption variant (and the empty caption) once and hand the dataset a TextSource."""
     from tqdm.auto import tqdm
 
     strategy = family.text_encoder_outputs_caching_strategy(args)
@@ -171,36 +206,25 @@ def cache_dataset_text_encoder_outputs(dataset: "TrainDataset", family, args: ar
     for encoder in encoders:
         encoder.eval()
     identity = strategy.cache_identity()
-    dataset.empty_conditioning = _encode([""], tokenize, encode, encoders, device)[0]
+    source = TextSource(_encode([""], tokenize, encode, encoders, device)[0])
     counts = TextCacheCounts()
     to_disk = args.cache_text_encoder_outputs_to_disk
     if to_disk and args.text_encoder_cache_dir:
         os.makedirs(args.text_encoder_cache_dir, exist_ok=True)
     for entry in tqdm(dataset.entries, desc="caching text-encoder outputs", unit="img"):
         texts = caption_variants(entry, count, dataset.max_train_steps)
-        entry.caption_variants = texts
         path = text_cache_path(entry, family.name, args.text_encoder_cache_dir) if to_disk else None
         metadata = expected_metadata(identity, texts)
         if path and is_text_cache_valid(path, metadata):
-            entry.text_cache_path, counts.reused = path, counts.reused + 1
+            source.add(dataset.entry_id(entry), CachedText(texts, path=path))
+            counts.reused += 1
             continue
         outputs = _encode(texts, tokenize, encode, encoders, device)
         counts.encoded += 1
         if path:
             save_safetensors_atomic(_flatten(outputs), path, metadata)
-            entry.text_cache_path = path
-        else:
-            entry.text_outputs = outputs
+        source.add(dataset.entry_id(entry), CachedText(texts, outputs=None if path else outputs, path=path))
+    dataset.use_text_source(source)
     logger.info("text-encoder outputs: %d entries encoded, %d reused from cache files (%d variants each)",
                 counts.encoded, counts.reused, count)
     return counts
-
-
-def load_conditioning(entry: "ImageEntry", variant: int) -> dict[str, "torch.Tensor"]:
-    if entry.text_outputs is not None:
-        return entry.text_outputs[variant]
-    from safetensors import safe_open
-
-    prefix = f"v{variant}."
-    with safe_open(entry.text_cache_path, "pt") as f:
-        return {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}

@@ -114,7 +114,7 @@ class ModelFamily(ABC):
     def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
         """Move the denoiser to the training device and dtype (block-swapping families keep some
         blocks on the CPU here)."""
-        from library.training.trainer import move_module
+        from library.devices import move_module
 
         move_module(components.denoiser, device, dtype)
 

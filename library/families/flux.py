@@ -276,7 +276,7 @@ class FluxFamily(ModelFamily):
     def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.models.flux_checkpoint import load_flux_models
         from library.models.flux_checkpoint import flux_sampling_scheduler
-        from library.training.trainer import torch_dtype
+        from library.devices import torch_dtype
 
         self.validate_args(args)
         models = load_flux_models(args.pretrained_model_name_or_path, args.clip_l, args.t5xxl, args.ae,
@@ -296,7 +296,7 @@ class FluxFamily(ModelFamily):
     def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
         """fp8 storage (layerwise casting) and/or block swap, else a plain move to device and dtype."""
         from library.offload import CudaTransferBackend, require_cuda
-        from library.training.trainer import move_module
+        from library.devices import move_module
 
         transformer = components.denoiser
         fp8, swap = args.fp8_base or args.fp8_base_unet, bool(args.blocks_to_swap)

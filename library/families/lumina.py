@@ -14,7 +14,7 @@ latents - noise (as sd-scripts does) and sigma_scaled takes noisy + sigma * outp
 LoRA modules are named as sd-scripts' networks/lora_lumina.py writes them: `lora_unet_` + the original
 module path (`layers_0_attention_qkv` fused over diffusers' to_q/to_k/to_v, `_attention_out`,
 `_feed_forward_w1/w2/w3`, `_adaLN_modulation_1`, refiners alike) and `lora_te_` + Gemma-2 paths.
-diffusers ignores kohya keys for Lumina 2 (FACTS.md), so `--save_lora_format diffusers` writes PEFT keys.
+diffusers' Lumina 2 LoRA loader reads no kohya keys, so `--save_lora_format diffusers` writes PEFT keys.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class LuminaFamily(ModelFamily):
 
     def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.models.lumina_checkpoint import load_lumina_models, lumina_sampling_scheduler
-        from library.training.trainer import torch_dtype
+        from library.devices import torch_dtype
 
         self.validate_args(args)
         models = load_lumina_models(args.pretrained_model_name_or_path, args.gemma2, args.ae, args.gemma2_tokenizer,
@@ -154,7 +154,7 @@ class LuminaFamily(ModelFamily):
 
     def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
         from library.offload import CudaTransferBackend, require_cuda
-        from library.training.trainer import move_module
+        from library.devices import move_module
 
         transformer = components.denoiser
         if not args.blocks_to_swap:

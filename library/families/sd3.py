@@ -192,7 +192,7 @@ class SD3Family(ModelFamily):
     def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.families.sd3_text import text_encoders_fingerprint
         from library.models.sd3_checkpoint import load_sd3_models, sd3_sampling_scheduler
-        from library.training.trainer import torch_dtype
+        from library.devices import torch_dtype
 
         self.validate_args(args)
         models = load_sd3_models(args.pretrained_model_name_or_path, args.clip_l, args.clip_g, args.t5xxl,
@@ -209,7 +209,7 @@ class SD3Family(ModelFamily):
 
     def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
         from library.offload import CudaTransferBackend, require_cuda
-        from library.training.trainer import move_module
+        from library.devices import move_module
 
         transformer = components.denoiser
         if not args.blocks_to_swap:

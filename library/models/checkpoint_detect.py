@@ -2,9 +2,10 @@
 
 Users pass a FLUX file to the SD script, or an SDXL file to the FLUX script; loading would then fail
 deep inside a converter with a shape error. `detect_checkpoint_family(keys)` recognises the layouts
-users bring (FACTS.md: LDM/SGM single files, BFL FLUX files, SAI SD3 files, Lumina 2 files, and
-their diffusers-named equivalents) so a loader can stop early with `wrong_family_error`, which names
-the script that trains that family. Reading keys never loads tensors (`read_checkpoint_keys`).
+users bring (LDM/SGM single files, BFL FLUX files, SAI SD3 files, Lumina 2 files, and their
+diffusers-named equivalents) by the tensor-name markers of the family table
+(library/families/table.py), so a loader can stop early with `wrong_family_error`, which names the
+script that trains that family. Reading keys never loads tensors (`read_checkpoint_keys`).
 """
 
 from __future__ import annotations
@@ -13,48 +14,35 @@ import os
 from typing import Iterable
 
 from library.errors import UserError
+from library.families.table import checkpoint_kinds
 
-FAMILY_DISPLAY_NAMES = {
-    "sd": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL", "flux": "FLUX",
-    "sd3": "SD3", "lumina": "Lumina Image 2.0", "unknown": "unknown",
-}
-# Entry script per family and mode; SD 1.x and 2.x share the sd scripts.
-FAMILY_SCRIPTS = {
-    "sd": ("sd_train_network.py", "sd_train.py"), "sd2": ("sd_train_network.py", "sd_train.py"),
-    "sdxl": ("sdxl_train_network.py", "sdxl_train.py"), "flux": ("flux_train_network.py", "flux_train.py"),
-    "sd3": ("sd3_train_network.py", "sd3_train.py"), "lumina": ("lumina_train_network.py", "lumina_train.py"),
-}
 SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
-# (family, substrings any of which marks it), checked in this order: the more specific layouts
-# first, because SDXL files also hold the `model.diffusion_model.input_blocks` names SD files have.
-_FAMILY_MARKERS: list[tuple[str, tuple[str, ...]]] = [
-    ("flux", ("double_blocks.0.img_attn", "single_transformer_blocks.0.")),
-    ("lumina", ("noise_refiner.", "context_refiner.")),
-    ("sd3", ("joint_blocks.0.", "context_embedder.weight")),
-    ("sdxl", ("conditioner.embedders.", "diffusion_model.label_emb.0.0.weight", "add_embedding.linear_1")),
-    ("sd2", ("cond_stage_model.model.",)),
-    ("sd", ("diffusion_model.input_blocks.", "cond_stage_model.transformer.", "first_stage_model.")),
-]
+
+def checkpoint_display_name(kind: str) -> str:
+    """"Stable Diffusion 2.x" for "sd2", "FLUX.1" for "flux", "unknown" for what is not recognised."""
+    return next((k.display_name for _, k in checkpoint_kinds() if k.name == kind), kind)
 
 
 def detect_checkpoint_family(keys: Iterable[str]) -> str:
     """"sd", "sd2", "sdxl", "flux", "sd3", "lumina" or "unknown", from tensor names."""
     keys = list(keys)
-    for family, markers in _FAMILY_MARKERS:
-        if any(marker in key for key in keys for marker in markers):
-            return family
+    for _, kind in checkpoint_kinds():
+        if any(marker in key for key in keys for marker in kind.markers):
+            return kind.name
     return "unknown"
 
 
 def wrong_family_error(path: str, detected: str, full_finetune: bool = False) -> UserError:
-    """The error for a checkpoint of family `detected` given to a script of another family."""
-    name = FAMILY_DISPLAY_NAMES.get(detected, detected)
-    if detected not in FAMILY_SCRIPTS:
+    """The error for a checkpoint of kind `detected` given to a script of another family."""
+    owner = next((facts for facts, kind in checkpoint_kinds() if kind.name == detected), None)
+    if owner is None:
         return UserError(f"{path} does not look like a checkpoint this script can load (unrecognised tensor names)")
-    network_script, full_script = FAMILY_SCRIPTS[detected]
-    script = full_script if full_finetune else network_script
-    return UserError(f"{path} looks like a {name} checkpoint; use {script}")
+    looks_like = f"{path} looks like a {checkpoint_display_name(detected)} checkpoint"
+    if full_finetune and owner.full_script is None:
+        return UserError(f"{looks_like}; {owner.display_name} has no full fine-tuning script yet, "
+                         f"train a LoRA with {owner.network_script}")
+    return UserError(f"{looks_like}; use {owner.full_script if full_finetune else owner.network_script}")
 
 
 def _unwrap_state_dict(loaded) -> dict:

@@ -28,6 +28,7 @@ from typing import Any, Optional
 from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
 from library.models import checkpoint_detect as detect
+from library.models.weights_io import cpu_state_dict, load_exactly, strip_prefix
 
 BFL_PREFIX = "model.diffusion_model."
 FLUX_AE_SCALING_FACTOR, FLUX_AE_SHIFT_FACTOR = 0.3611, 0.1159
@@ -289,13 +290,6 @@ def load_flux_ae(path: str, dtype=None):
     return vae.to(dtype) if dtype is not None else vae
 
 
-def _strip(state: dict, prefixes: tuple[str, ...]) -> dict:
-    for prefix in prefixes:
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
-
-
 def load_clip_l(path: str, dtype=None):
     """transformers CLIPTextModel from clip_l.safetensors (`text_model.*` keys, with or without prefix)."""
     import torch
@@ -303,14 +297,14 @@ def load_clip_l(path: str, dtype=None):
 
     from library.models import sd_ldm_layout as layout
 
-    state = _strip(read_safetensors_file(path, "--clip_l"), ("text_encoders.clip_l.transformer.", "text_model."))
+    state = strip_prefix(read_safetensors_file(path, "--clip_l"), ("text_encoders.clip_l.transformer.", "text_model."))
     state = {k.removeprefix("text_model."): v for k, v in state.items()
              if not k.startswith(("text_projection", "logit_scale"))}
     if "embeddings.token_embedding.weight" not in state:
         raise UserError(f"--clip_l {path} holds no CLIP text encoder (text_model.embeddings.*)")
     model = CLIPTextModel(CLIPTextConfig(**layout.infer_clip_config(state)))
     prefix = "text_model." if hasattr(model, "text_model") else ""  # transformers 5 flattened CLIPTextModel
-    _load_exactly(model, {prefix + k: v.to(torch.float32) for k, v in state.items()}, "--clip_l", path)
+    load_exactly(model, {prefix + k: v.to(torch.float32) for k, v in state.items()}, f"--clip_l {path}")
     return model.to(dtype) if dtype is not None else model
 
 
@@ -339,7 +333,7 @@ def load_t5xxl(path: str, dtype=None):
     from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
 
-    state = _strip(read_safetensors_file(path, "--t5xxl"), ("text_encoders.t5xxl.transformer.",))
+    state = strip_prefix(read_safetensors_file(path, "--t5xxl"), ("text_encoders.t5xxl.transformer.",))
     if "encoder.embed_tokens.weight" in state and "shared.weight" not in state:
         state["shared.weight"] = state["encoder.embed_tokens.weight"]
     if "shared.weight" not in state or "encoder.block.0.layer.0.SelfAttention.q.weight" not in state:
@@ -349,34 +343,17 @@ def load_t5xxl(path: str, dtype=None):
     target = dtype or torch.float32
     state = {k: v.to(target) for k, v in state.items()}
     state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
-    _load_exactly(model, state, "--t5xxl", path, assign=True)
+    load_exactly(model, state, f"--t5xxl {path}", assign=True)
     model.tie_weights()
     return model
 
 
-def _load_exactly(model, state: dict, flag: str, path: str, assign: bool = False) -> None:
-    result = model.load_state_dict(state, strict=False, assign=assign)
-    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    if missing or result.unexpected_keys:
-        name = (missing or result.unexpected_keys)[0]
-        raise UserError(f"{flag} {path}: {'missing' if missing else 'unexpected'} tensor {name}; "
-                        "the file is incomplete or another model")
-
-
 # ---- writers ----------------------------------------------------------------------------------------
-
-def _cpu(state: dict, dtype=None) -> dict:
-    out = {}
-    for key, tensor in state.items():
-        tensor = tensor.detach().to("cpu")
-        out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-    return out
-
 
 def save_flux_transformer_bfl(transformer, path: str, dtype=None, metadata: Optional[dict] = None,
                               with_prefix: bool = False) -> str:
     """The transformer as a BFL-layout file (what ComfyUI and sd-scripts load as flux1-*.safetensors)."""
-    tensors = diffusers_to_bfl(_cpu(transformer.state_dict(), dtype))
+    tensors = diffusers_to_bfl(cpu_state_dict(transformer.state_dict(), dtype))
     if with_prefix:
         tensors = {BFL_PREFIX + k: v for k, v in tensors.items()}
     save_safetensors_atomic(tensors, path, metadata)
@@ -386,19 +363,19 @@ def save_flux_transformer_bfl(transformer, path: str, dtype=None, metadata: Opti
 def save_flux_ae(vae, path: str, dtype=None) -> str:
     from library.models import sd_ldm_layout as layout
 
-    save_safetensors_atomic(layout.convert_vae_to_ldm(_cpu(vae.state_dict(), dtype), vae.config), path)
+    save_safetensors_atomic(layout.convert_vae_to_ldm(cpu_state_dict(vae.state_dict(), dtype), vae.config), path)
     return path
 
 
 def save_clip_l(text_encoder, path: str, dtype=None) -> str:
-    state = _cpu(text_encoder.state_dict(), dtype)
+    state = cpu_state_dict(text_encoder.state_dict(), dtype)
     state = {"text_model." + k.removeprefix("text_model."): v for k, v in state.items() if "position_ids" not in k}
     save_safetensors_atomic(state, path)
     return path
 
 
 def save_t5xxl(text_encoder, path: str, dtype=None) -> str:
-    state = _cpu(text_encoder.state_dict(), dtype)
+    state = cpu_state_dict(text_encoder.state_dict(), dtype)
     state.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight, as in the released files
     save_safetensors_atomic({k: v.contiguous() for k, v in state.items()}, path)
     return path
@@ -460,8 +437,8 @@ def _load_pipeline_parts(source: str, dtype, load: tuple[bool, bool, bool]):
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
     from library.models.clip_tokenizer import build_clip_tokenizer
+    from library.families.table import family_of_pipeline_class
     from library.models.hub_cache import cached_snapshot, hub_is_offline
-    from library.models.sd_checkpoint import PIPELINE_FAMILIES
 
     if not os.path.isdir(source) and not detect.looks_like_local_path(source) and hub_is_offline():
         source = cached_snapshot(source, f"FLUX model {source}", "pass local files, or go online once to download it")
@@ -472,7 +449,7 @@ def _load_pipeline_parts(source: str, dtype, load: tuple[bool, bool, bool]):
             raise UserError(f"{source} is a folder but not a diffusers model (no model_index.json); pass a FLUX "
                             "diffusers folder or a flux1-*.safetensors transformer file")
         with open(index, encoding="utf-8") as f:
-            family = PIPELINE_FAMILIES.get(json.load(f).get("_class_name", ""), "unknown")
+            family = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
         if family != "flux":
             raise detect.wrong_family_error(source, family)
     elif detect.looks_like_local_path(source):

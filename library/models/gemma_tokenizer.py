@@ -1,6 +1,6 @@
 """The Gemma-2 tokenizer Lumina Image 2.0 needs: from a local folder or `.model` file, a diffusers folder, or the hub.
 
-Like T5 (library/models/t5_tokenizer.py), no PyPI package ships Gemma's vocabulary (FACTS.md), so
+Like T5 (library/models/t5_tokenizer.py), no PyPI package ships Gemma's vocabulary (the model is gated on the hub), so
 offline users point `--gemma2_tokenizer` at a folder holding `tokenizer.model` or `tokenizer.json`
 (e.g. a diffusers Lumina 2 folder's `tokenizer/`) or at a sentencepiece `.model` file. Without it a
 diffusers folder's own `tokenizer/` is used, else `google/gemma-2-2b` (from the Hugging Face cache when

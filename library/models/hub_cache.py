@@ -22,6 +22,20 @@ def hub_is_offline() -> bool:
     return flag or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
+def hub_errors() -> tuple:
+    """The exception types a failed hub download raises (to turn them into a UserError)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    errors: list = [OSError, HfHubHTTPError, LocalEntryNotFoundError]
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def hub_cache_dir() -> str:
     """The hub cache folder as huggingface_hub resolves it, from the environment as it is now."""
     import huggingface_hub.constants

@@ -233,9 +233,9 @@ def load_lumina_transformer(path: str, dtype=None):
 def save_lumina_transformer_original(transformer, path: str, dtype=None, metadata: Optional[dict] = None,
                                      with_prefix: bool = False) -> str:
     """The transformer as an original-layout file (what sd-scripts and ComfyUI load)."""
-    from library.models.flux_checkpoint import _cpu
+    from library.models.weights_io import cpu_state_dict
 
-    tensors = diffusers_to_original(_cpu(transformer.state_dict(), dtype))
+    tensors = diffusers_to_original(cpu_state_dict(transformer.state_dict(), dtype))
     if with_prefix:
         tensors = {ORIGINAL_PREFIX + k: v for k, v in tensors.items()}
     save_safetensors_atomic({k: v.contiguous() for k, v in tensors.items()}, path, metadata)
@@ -265,24 +265,25 @@ def load_gemma2(path: str, dtype=None):
     from safetensors import safe_open
     from transformers import Gemma2Config, Gemma2Model
 
-    from library.models.flux_checkpoint import _load_exactly, _strip, read_safetensors_file
+    from library.models.flux_checkpoint import read_safetensors_file
+    from library.models.weights_io import load_exactly, strip_prefix
 
-    state = _strip(read_safetensors_file(path, "--gemma2"), ("model.",))
+    state = strip_prefix(read_safetensors_file(path, "--gemma2"), ("model.",))
     state.pop("lm_head.weight", None)
     if "embed_tokens.weight" not in state or "layers.0.mlp.gate_proj.weight" not in state:
         raise UserError(f"--gemma2 {path} holds no Gemma-2 model (embed_tokens.*, layers.N.mlp.*)")
     with safe_open(path, framework="pt") as f:
         metadata = dict(f.metadata() or {})
     model = Gemma2Model(Gemma2Config(**infer_gemma2_config(state, metadata)))
-    _load_exactly(model, {k: v.to(torch.float32) for k, v in state.items()}, "--gemma2", path)
+    load_exactly(model, {k: v.to(torch.float32) for k, v in state.items()}, f"--gemma2 {path}")
     return model.to(dtype) if dtype is not None else model
 
 
 def save_gemma2(text_encoder, path: str, dtype=None) -> str:
     """Gemma2Model keys under `model.` with its config in the metadata (tiny models need it)."""
-    from library.models.flux_checkpoint import _cpu
+    from library.models.weights_io import cpu_state_dict
 
-    state = {f"model.{k}": v.contiguous() for k, v in _cpu(text_encoder.state_dict(), dtype).items()}
+    state = {f"model.{k}": v.contiguous() for k, v in cpu_state_dict(text_encoder.state_dict(), dtype).items()}
     keep = ("vocab_size", "hidden_size", "head_dim", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "query_pre_attn_scalar", "sliding_window", "max_position_embeddings",
             "pad_token_id", "eos_token_id", "bos_token_id")
@@ -330,7 +331,7 @@ def _load_pipeline_parts(source: str, dtype, load_vae: bool, load_gemma: bool):
     from diffusers import AutoencoderKL, Lumina2Transformer2DModel
     from transformers import Gemma2Model
 
-    from library.models.sd_checkpoint import PIPELINE_FAMILIES
+    from library.families.table import family_of_pipeline_class
 
     if not os.path.isdir(source):
         raise UserError(f"--pretrained_model_name_or_path {source}: no such file or folder (pass the original "
@@ -339,7 +340,7 @@ def _load_pipeline_parts(source: str, dtype, load_vae: bool, load_gemma: bool):
     if not os.path.isfile(index):
         raise UserError(f"{source} is a folder but not a diffusers model (no model_index.json)")
     with open(index, encoding="utf-8") as f:
-        family = PIPELINE_FAMILIES.get(json.load(f).get("_class_name", ""), "unknown")
+        family = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
     if family != "lumina":
         raise detect.wrong_family_error(source, family)
     common = {"local_files_only": True}

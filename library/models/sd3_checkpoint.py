@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from library.atomic_io import save_safetensors_atomic
 from library.errors import UserError
+from library.models.weights_io import cpu_state_dict, load_exactly
 
 SAI_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -194,17 +195,8 @@ def build_transformer(sai_state: dict, source: str, dtype=None):
     with init_empty_weights():
         model = SD3Transformer2DModel.from_config(config)
     state = {k: v.to(dtype or torch.float32) for k, v in sai_to_diffusers(sai_state, source).items()}
-    _load_strict(model, state, "MMDiT", source)
+    load_exactly(model, state, f"{source}: MMDiT", assign=True)
     return model
-
-
-def _load_strict(model, state: dict, what: str, source: str) -> None:
-    result = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    if missing or result.unexpected_keys:
-        name = (missing or result.unexpected_keys)[0]
-        raise UserError(f"{source}: {what} {'is missing' if missing else 'has an unexpected'} tensor {name}; "
-                        "the file is incomplete or another model")
 
 
 # ---- VAE and text encoders --------------------------------------------------------------------------
@@ -251,7 +243,7 @@ def build_clip(state: dict, big_g: bool, source: str, dtype=None):
     model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
     full = {f"text_model.{k}": v.to(dtype or torch.float32) for k, v in inner.items()}
     full["text_projection.weight"] = state["text_projection.weight"].to(dtype or torch.float32)
-    _load_strict(model, full, "CLIP-G" if big_g else "CLIP-L", source)
+    load_exactly(model, full, f"{source}: {'CLIP-G' if big_g else 'CLIP-L'}", assign=True)
     return model
 
 
@@ -268,7 +260,7 @@ def build_t5(state: dict, source: str, dtype=None):
         model = T5EncoderModel(T5Config(**infer_t5_config(state)))
     state = {k: v.to(dtype or torch.float32) for k, v in state.items()}
     state.setdefault("encoder.embed_tokens.weight", state["shared.weight"])
-    _load_strict(model, state, "T5", source)
+    load_exactly(model, state, f"{source}: T5", assign=True)
     model.tie_weights()
     return model
 
@@ -337,14 +329,14 @@ def load_sd3_folder(source: str, dtype, skip_encoders: tuple[bool, bool, bool], 
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     from library.models.checkpoint_detect import wrong_family_error
-    from library.models.sd_checkpoint import PIPELINE_FAMILIES
+    from library.families.table import family_of_pipeline_class
 
     index = os.path.join(source, "model_index.json")
     if not os.path.isfile(index):
         raise UserError(f"{source} is a folder but not a diffusers model (no model_index.json); pass an SD3 "
                         "diffusers folder or an SAI single file (sd3.5_large.safetensors)")
     with open(index, encoding="utf-8") as f:
-        family = PIPELINE_FAMILIES.get(json.load(f).get("_class_name", ""), "unknown")
+        family = family_of_pipeline_class(json.load(f).get("_class_name", "")) or "unknown"
     if family != "sd3":
         raise wrong_family_error(source, family)
     dtype = dtype or torch.float32
@@ -406,17 +398,9 @@ def load_sd3_models(source: str, clip_l: Optional[str] = None, clip_g: Optional[
 
 # ---- writers ----------------------------------------------------------------------------------------
 
-def _cpu(state: dict, dtype=None) -> dict:
-    out = {}
-    for key, tensor in state.items():
-        tensor = tensor.detach().to("cpu")
-        out[key] = (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
-    return out
-
-
 def text_encoder_state(encoder, key: str, dtype=None) -> dict:
     """transformers keys as the released files hold them (CLIP under text_model., T5 without the tied copy)."""
-    state = {k: v for k, v in _cpu(encoder.state_dict(), dtype).items() if "position_ids" not in k}
+    state = {k: v for k, v in cpu_state_dict(encoder.state_dict(), dtype).items() if "position_ids" not in k}
     if key == "t5xxl":
         state.pop("encoder.embed_tokens.weight", None)
         return state
@@ -435,9 +419,9 @@ def save_sd3_single_file(transformer, vae, text_encoders: Optional[list], path: 
     """An SAI single file: MMDiT, VAE and (when given: CLIP-L, CLIP-G, T5) the text encoders."""
     from library.models import sd_ldm_layout as layout
 
-    tensors = {SAI_PREFIX + k: v for k, v in diffusers_to_sai(_cpu(transformer.state_dict(), dtype)).items()}
+    tensors = {SAI_PREFIX + k: v for k, v in diffusers_to_sai(cpu_state_dict(transformer.state_dict(), dtype)).items()}
     if vae is not None:
-        ldm = layout.convert_vae_to_ldm(_cpu(vae.state_dict(), dtype), vae.config)
+        ldm = layout.convert_vae_to_ldm(cpu_state_dict(vae.state_dict(), dtype), vae.config)
         tensors.update({VAE_PREFIX + k: v.contiguous() for k, v in ldm.items()})
     for key, encoder in zip(TEXT_ENCODER_KEYS, text_encoders or []):
         if encoder is not None:

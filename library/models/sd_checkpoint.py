@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from library.atomic_io import ensure_writable_dir, save_safetensors_atomic
+from library.atomic_io import replace_folder_atomically, save_safetensors_atomic
 from library.errors import UserError
-from library.models.hub_cache import cached_snapshot, hub_is_offline
+from library.families.table import family_of_pipeline_class
+from library.models.hub_cache import cached_snapshot, hub_errors, hub_is_offline
 from library.models import checkpoint_detect as detect
 from library.models import sd_ldm_layout as layout
+from library.models.weights_io import (
+    assert_fully_loaded, cast_tensor, read_state_dict, write_json,
+)
 
-# model_index.json class name -> family, to refuse other families' diffusers folders
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3", "Lumina2Pipeline": "lumina", "Lumina2Text2ImgPipeline": "lumina",
-}
 SD_BETA_START, SD_BETA_END, SD_TRAIN_TIMESTEPS = 0.00085, 0.012, 1000
 
 
@@ -68,51 +66,14 @@ def sd_tokenizer(v2: bool):
 
 # ---- loading ---------------------------------------------------------------------------------------
 
-def _hub_errors() -> tuple:
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    errors: list = [OSError, HfHubHTTPError, LocalEntryNotFoundError]
-    try:
-        import httpx
-
-        errors.append(httpx.HTTPError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _assert_fully_loaded(model, what: str, source: str) -> None:
-    """from_single_file leaves parameters it found no tensor for on the meta device."""
-    missing = [name for name, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if missing:
-        raise UserError(f"{source} is missing {what} weights ({', '.join(missing[:3])}, ...); the file is incomplete")
-
-
-def read_state_dict(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"{path} is not a readable safetensors file: {e}") from e
-    return detect.load_pickle_state_dict(path)
-
-
-def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-
-
 def _load_vae_from_ldm(state: dict, source: str):
     from diffusers import AutoencoderKL
 
     ldm_vae = layout.split_ldm_state_dict(state)["vae"] or state  # bare VAE files have no prefix
     with tempfile.TemporaryDirectory() as config_dir:
-        _write_json(os.path.join(config_dir, "vae", "config.json"), layout.infer_vae_config(ldm_vae))
+        write_json(os.path.join(config_dir, "vae", "config.json"), layout.infer_vae_config(ldm_vae))
         vae = AutoencoderKL.from_single_file(state, config=config_dir, subfolder="vae", local_files_only=True)
-    _assert_fully_loaded(vae, "VAE", source)
+    assert_fully_loaded(vae, "VAE", source)
     return vae.float()
 
 
@@ -122,12 +83,12 @@ def _load_ldm_text_encoder(state: dict, parts: dict, v2: bool, config_dir: str, 
     from transformers import CLIPTextModel
 
     config = layout.infer_open_clip_config(parts["open_clip"]) if v2 else layout.infer_clip_config(parts["clip"])
-    _write_json(os.path.join(config_dir, "text_encoder", "config.json"), config)
+    write_json(os.path.join(config_dir, "text_encoder", "config.json"), config)
     text_encoder = create_diffusers_clip_model_from_ldm(
         CLIPTextModel, state, subfolder="text_encoder", config=config_dir, local_files_only=True,
         torch_dtype=torch.float32,
     )
-    _assert_fully_loaded(text_encoder, "text encoder", source)
+    assert_fully_loaded(text_encoder, "text encoder", source)
     return text_encoder
 
 
@@ -146,10 +107,10 @@ def load_sd_single_file(path: str, load_vae: bool = True, full_finetune: bool = 
     if load_vae and not parts["vae"]:
         raise UserError(f"{path} has no VAE weights (first_stage_model.*); add --vae with a VAE file or folder")
     with tempfile.TemporaryDirectory() as config_dir:
-        _write_json(os.path.join(config_dir, "unet", "config.json"), layout.infer_unet_config(parts["unet"], v2))
+        write_json(os.path.join(config_dir, "unet", "config.json"), layout.infer_unet_config(parts["unet"], v2))
         # loaded in the file's dtype, then .float(): diffusers warns on every .to(dtype)
         unet = UNet2DConditionModel.from_single_file(state, config=config_dir, subfolder="unet", local_files_only=True)
-        _assert_fully_loaded(unet, "UNet", path)
+        assert_fully_loaded(unet, "UNet", path)
         text_encoder = _load_ldm_text_encoder(state, parts, v2, config_dir, path)
     vae = _load_vae_from_ldm(state, path) if load_vae else None
     return SDModels(unet.float(), vae, text_encoder, sd_tokenizer(v2), v2)
@@ -166,7 +127,7 @@ def _check_folder_family(folder: str, full_finetune: bool) -> None:
         return
     with open(index_path, encoding="utf-8") as f:
         class_name = json.load(f).get("_class_name", "")
-    family = PIPELINE_FAMILIES.get(class_name, "sd")
+    family = family_of_pipeline_class(class_name) or "sd"
     if family != "sd":
         raise detect.wrong_family_error(folder, family, full_finetune)
 
@@ -206,7 +167,7 @@ def load_sd_from_hub(repo_id: str, load_vae: bool = True) -> SDModels:
         return load_sd_diffusers_folder(cached_snapshot(repo_id, f"model {repo_id}", OFFLINE_FIX), load_vae)
     try:
         return _load_diffusers_parts(repo_id, local_only=False, load_vae=load_vae)
-    except _hub_errors() as e:
+    except hub_errors() as e:
         raise UserError(
             f"{repo_id} is not a local file or folder, and downloading it from the model hub failed "
             f"({type(e).__name__}: {e}); check the name and your network, or pass a local file"
@@ -238,7 +199,7 @@ def load_vae(source: str):
         return load_vae(cached_snapshot(source, f"VAE {source}", OFFLINE_FIX))
     try:
         return AutoencoderKL.from_pretrained(source, torch_dtype=torch.float32)
-    except _hub_errors() as e:
+    except hub_errors() as e:
         raise UserError(f"--vae {source}: not a local file or folder, and the hub download failed ({e})") from e
 
 
@@ -266,11 +227,6 @@ def load_sd_models(
 
 # ---- saving ----------------------------------------------------------------------------------------
 
-def _cast(tensor, dtype):
-    tensor = tensor.detach().to("cpu")
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-
 def save_sd_single_file(
     unet, vae, text_encoder, path: str, v2: Optional[bool] = None, dtype=None, metadata: Optional[dict] = None
 ) -> None:
@@ -278,7 +234,7 @@ def save_sd_single_file(
     if v2 is None:
         v2 = is_open_clip_text_encoder(text_encoder)
     state = layout.diffusers_to_ldm(unet, vae, text_encoder, v2)
-    tensors = {k: _cast(v, dtype) for k, v in state.items()}
+    tensors = {k: cast_tensor(v, dtype) for k, v in state.items()}
     save_safetensors_atomic(tensors, path, {k: str(v) for k, v in (metadata or {}).items()})
 
 
@@ -310,54 +266,22 @@ def sampling_scheduler(noise_scheduler):
     return DDIMScheduler.from_config(noise_scheduler.config, set_alpha_to_one=False, steps_offset=1)
 
 
-def _write_diffusers_parts(folder: str, pipeline, dtype) -> None:
+def write_diffusers_parts(folder: str, pipeline, dtype) -> None:
     from safetensors.torch import save_file
 
     pipeline.save_config(folder)  # model_index.json
     for name in ("unet", "vae"):
         model, sub = getattr(pipeline, name), os.path.join(folder, name)
         model.save_config(sub)
-        weights = {k: _cast(v, dtype).contiguous() for k, v in model.state_dict().items()}
+        weights = {k: cast_tensor(v, dtype).contiguous() for k, v in model.state_dict().items()}
         save_file(weights, os.path.join(sub, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     text_encoder = pipeline.text_encoder
-    text_weights = {k: _cast(v, dtype) for k, v in text_encoder.state_dict().items()}
+    text_weights = {k: cast_tensor(v, dtype) for k, v in text_encoder.state_dict().items()}
     text_encoder.save_pretrained(os.path.join(folder, "text_encoder"), state_dict=text_weights)
     pipeline.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     pipeline.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
 
 
-def _fsync_tree(folder: str) -> None:
-    for root, _, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def save_sd_diffusers_folder(pipeline, path: str, dtype=None) -> None:
     """Write a complete diffusers folder aside, then swap it in; the old folder survives any failure."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    ensure_writable_dir(parent)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"cannot save a diffusers folder at {path}: a file with that name exists")
-    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    backup = f"{temp}.previous"
-    try:
-        _write_diffusers_parts(temp, pipeline, dtype)
-        _fsync_tree(temp)
-        if os.path.exists(path):
-            os.replace(path, backup)
-        try:
-            os.replace(temp, path)
-        except OSError:
-            if os.path.exists(backup):
-                os.replace(backup, path)
-            raise
-    except OSError as e:
-        raise UserError(f"could not write the diffusers folder {path}: {e.strerror or e}; nothing was replaced") from e
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(backup, ignore_errors=True)
+    replace_folder_atomically(path, lambda folder: write_diffusers_parts(folder, pipeline, dtype))

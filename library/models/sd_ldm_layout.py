@@ -10,7 +10,7 @@ Loading: `infer_*_config(ldm_state_dict)` read block widths, depths and attentio
 shapes, so any SD-layout file (real or tiny) gets a matching diffusers config without hard-coded
 sizes. What shapes cannot tell is fixed by rule: SD 1.x UNets use 8 attention heads per block, SD 2.x
 UNets 64-channel heads; text encoders of real width (>= 512) use 64-wide heads (CLIP-L 12, OpenCLIP-H
-16), narrower test encoders use 4 heads like library/models/tiny.py.
+16), narrower test encoders use 4 heads like library/tiny_models/sd.py.
 """
 
 from __future__ import annotations

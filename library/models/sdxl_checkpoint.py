@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from library.atomic_io import ensure_writable_dir, save_safetensors_atomic
+from library.atomic_io import replace_folder_atomically, save_safetensors_atomic
 from library.errors import UserError
+from library.families.table import family_of_pipeline_class
+from library.models.hub_cache import cached_snapshot, hub_errors, hub_is_offline
 from library.models import checkpoint_detect as detect
 from library.models import sd_checkpoint as sd
 from library.models import sgm_layout as sgm
+from library.models.weights_io import (
+    assert_fully_loaded, cast_tensor, read_state_dict, write_json,
+)
 
 REFINER_PIPELINE_CLASS = "StableDiffusionXLImg2ImgPipeline"
 REFINER_MESSAGE = "is an SDXL refiner (OpenCLIP bigG only); train the SDXL base model instead"
@@ -72,13 +76,13 @@ def _load_sgm_text_encoders(state: dict, parts: dict, config_dir: str, source: s
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    sd._write_json(os.path.join(config_dir, "text_encoder", "config.json"), sgm.infer_clip_l_config(parts["clip_l"]))
-    sd._write_json(os.path.join(config_dir, "text_encoder_2", "config.json"), sgm.infer_bigg_config(parts["bigg"]))
+    write_json(os.path.join(config_dir, "text_encoder", "config.json"), sgm.infer_clip_l_config(parts["clip_l"]))
+    write_json(os.path.join(config_dir, "text_encoder_2", "config.json"), sgm.infer_bigg_config(parts["bigg"]))
     encoders = []
     for cls, subfolder in ((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")):
         encoder = create_diffusers_clip_model_from_ldm(cls, state, subfolder=subfolder, config=config_dir,
                                                        local_files_only=True, torch_dtype=torch.float32)
-        sd._assert_fully_loaded(encoder, subfolder.replace("_", " "), source)
+        assert_fully_loaded(encoder, subfolder.replace("_", " "), source)
         encoders.append(encoder)
     return tuple(encoders)
 
@@ -87,9 +91,9 @@ def _load_sgm_vae(state: dict, ldm_vae: dict, source: str):
     from diffusers import AutoencoderKL
 
     with tempfile.TemporaryDirectory() as config_dir:
-        sd._write_json(os.path.join(config_dir, "vae", "config.json"), sgm.infer_sdxl_vae_config(ldm_vae))
+        write_json(os.path.join(config_dir, "vae", "config.json"), sgm.infer_sdxl_vae_config(ldm_vae))
         vae = AutoencoderKL.from_single_file(state, config=config_dir, subfolder="vae", local_files_only=True)
-    sd._assert_fully_loaded(vae, "VAE", source)
+    assert_fully_loaded(vae, "VAE", source)
     return vae.float()
 
 
@@ -97,16 +101,16 @@ def load_sdxl_single_file(path: str, load_vae: bool = True, full_finetune: bool 
     """UNet, VAE (unless load_vae is False) and both text encoders from one SGM-layout file (float32)."""
     from diffusers import UNet2DConditionModel
 
-    state = sd.read_state_dict(path)
+    state = read_state_dict(path)
     detect.check_checkpoint_family(path, state.keys(), {"sdxl"}, full_finetune)
     parts = sgm.split_sgm_state_dict(state)
     _check_sgm_parts(path, state, parts, load_vae)
     pooled_dim = parts["bigg"]["text_projection"].shape[1]
     with tempfile.TemporaryDirectory() as config_dir:
         unet_config = sgm.infer_sdxl_unet_config(parts["unet"], pooled_dim)
-        sd._write_json(os.path.join(config_dir, "unet", "config.json"), unet_config)
+        write_json(os.path.join(config_dir, "unet", "config.json"), unet_config)
         unet = UNet2DConditionModel.from_single_file(state, config=config_dir, subfolder="unet", local_files_only=True)
-        sd._assert_fully_loaded(unet, "UNet", path)
+        assert_fully_loaded(unet, "UNet", path)
         text_encoder_1, text_encoder_2 = _load_sgm_text_encoders(state, parts, config_dir, path)
     vae = _load_sgm_vae(state, parts["vae"], path) if load_vae else None
     logit_scale = parts["bigg"].get("logit_scale")
@@ -124,7 +128,7 @@ def _check_folder_family(folder: str, full_finetune: bool) -> None:
         class_name = json.load(f).get("_class_name", "")
     if class_name == REFINER_PIPELINE_CLASS:
         raise UserError(f"{folder} {REFINER_MESSAGE}")
-    family = sd.PIPELINE_FAMILIES.get(class_name)
+    family = family_of_pipeline_class(class_name)
     if family is not None and family != "sdxl":
         raise detect.wrong_family_error(folder, family, full_finetune)
     if family is None and not os.path.isdir(os.path.join(folder, "text_encoder_2")):
@@ -162,11 +166,11 @@ def load_sdxl_diffusers_folder(folder: str, load_vae: bool = True, full_finetune
 
 
 def load_sdxl_from_hub(repo_id: str, load_vae: bool = True) -> SDXLModels:
-    if sd.hub_is_offline():
-        return load_sdxl_diffusers_folder(sd.cached_snapshot(repo_id, f"model {repo_id}", sd.OFFLINE_FIX), load_vae)
+    if hub_is_offline():
+        return load_sdxl_diffusers_folder(cached_snapshot(repo_id, f"model {repo_id}", sd.OFFLINE_FIX), load_vae)
     try:
         return _load_diffusers_parts(repo_id, local_only=False, load_vae=load_vae)
-    except sd._hub_errors() as e:
+    except hub_errors() as e:
         raise UserError(
             f"{repo_id} is not a local file or folder, and downloading it from the model hub failed "
             f"({type(e).__name__}: {e}); check the name and your network, or pass a local file"
@@ -226,43 +230,16 @@ def save_sdxl_single_file(unet, vae, text_encoder_1, text_encoder_2, path: str, 
                           metadata: Optional[dict] = None, logit_scale=None) -> None:
     """One SGM-layout .safetensors that ComfyUI, A1111/Forge and diffusers' from_single_file load."""
     state = sgm.diffusers_to_sgm(unet, vae, text_encoder_1, text_encoder_2, logit_scale)
-    tensors = {k: sd._cast(v, dtype) for k, v in state.items()}
+    tensors = {k: cast_tensor(v, dtype) for k, v in state.items()}
     save_safetensors_atomic(tensors, path, {k: str(v) for k, v in (metadata or {}).items()})
 
 
 def _write_sdxl_diffusers_parts(folder: str, pipeline, dtype) -> None:
-    sd._write_diffusers_parts(folder, pipeline, dtype)  # model_index, unet, vae, text_encoder, tokenizer, scheduler
+    sd.write_diffusers_parts(folder, pipeline, dtype)  # model_index, unet, vae, text_encoder, tokenizer, scheduler
     text_encoder_2 = pipeline.text_encoder_2
-    weights = {k: sd._cast(v, dtype) for k, v in text_encoder_2.state_dict().items()}
+    weights = {k: cast_tensor(v, dtype) for k, v in text_encoder_2.state_dict().items()}
     text_encoder_2.save_pretrained(os.path.join(folder, "text_encoder_2"), state_dict=weights)
     pipeline.tokenizer_2.save_pretrained(os.path.join(folder, "tokenizer_2"))
-
-
-def replace_folder_atomically(path: str, write: Callable[[str], None]) -> None:
-    """write(temp_folder) beside `path`, fsync it, then swap it in; the old folder survives any failure."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    ensure_writable_dir(parent)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"cannot save a diffusers folder at {path}: a file with that name exists")
-    temp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
-    backup = f"{temp}.previous"
-    try:
-        write(temp)
-        sd._fsync_tree(temp)
-        if os.path.exists(path):
-            os.replace(path, backup)
-        try:
-            os.replace(temp, path)
-        except OSError:
-            if os.path.exists(backup):
-                os.replace(backup, path)
-            raise
-    except OSError as e:
-        raise UserError(f"could not write the diffusers folder {path}: {e.strerror or e}; nothing was replaced") from e
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def save_sdxl_diffusers_folder(pipeline, path: str, dtype=None) -> None:

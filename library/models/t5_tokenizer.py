@@ -1,6 +1,6 @@
 """The T5 tokenizer FLUX.1 (and SD3) need: from a local folder or `.model` file, a diffusers folder, or the hub.
 
-No PyPI package ships the T5 vocabulary (FACTS.md), so offline users point `--t5_tokenizer` at a
+No PyPI package ships the T5 vocabulary (transformers and sentencepiece ship none), so offline users point `--t5_tokenizer` at a
 folder holding `spiece.model` or `tokenizer.json` (e.g. a diffusers FLUX folder's `tokenizer_2/`), or
 at a sentencepiece `.model` file. Without it, a diffusers model folder's own `tokenizer_2` is used,
 and otherwise `google/t5-v1_1-xxl`: from the Hugging Face cache when the hub is offline

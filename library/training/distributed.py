@@ -115,7 +115,3 @@ def sum_over_processes(accelerator, values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
     return accelerator.reduce(tensor, reduction="sum").tolist()
 
-
-def any_process(accelerator, flag: bool) -> bool:
-    """True when `flag` is true on any process (so every process takes the same branch)."""
-    return sum_over_processes(accelerator, [1.0 if flag else 0.0])[0] > 0

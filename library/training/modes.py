@@ -52,9 +52,6 @@ class NetworkMode:
     def trainable_modules(self, components) -> list:
         return [self.network]
 
-    def replace_prepared(self, prepared: list) -> None:
-        self.network = prepared[0]
-
     def save(self, components, path: str, dtype, metadata: dict) -> None:
         network = self.network.module if hasattr(self.network, "module") else self.network
         network.save_weights(path, dtype, metadata)
@@ -65,7 +62,6 @@ class FullFineTuneMode:
 
     def __init__(self, family, args):
         self.family, self.args = family, args
-        self.trains_denoiser = True
         self.trained_text_encoders: list | None = None  # known after prepare()
         self.save_extension = ".safetensors" if args.save_model_as == "safetensors" else ""
 
@@ -101,9 +97,6 @@ class FullFineTuneMode:
 
     def trainable_modules(self, components) -> list:
         return [components.denoiser] + list(self.trained_text_encoders or [])
-
-    def replace_prepared(self, prepared: list) -> None:
-        pass  # the components keep the unwrapped modules; accelerate wraps only for distribution
 
     def save(self, components, path: str, dtype, metadata: dict) -> None:
         self.family.save_full_model(components, path, self.args.save_model_as, dtype, metadata)

@@ -18,6 +18,7 @@ import warnings
 from contextlib import nullcontext
 
 from library.atomic_io import ensure_writable_dir
+from library.devices import move_module, torch_dtype
 from library.errors import UserError
 from library.training import checkpoints
 from library.training.modes import make_mode
@@ -25,21 +26,6 @@ from library.training.state import TrainingPosition
 from library.training.stop_signal import StopRequest
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"no": "float32", "fp16": "float16", "bf16": "bfloat16", "float": "float32"}
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES[name])
-
-
-def move_module(module, device, dtype) -> None:
-    """Move to device, and cast only when the dtype really changes (diffusers warns on every cast)."""
-    module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
 
 
 def disable_cudnn_attention(device) -> None:

@@ -1,6 +1,6 @@
-"""A tiny SD3 / SD3.5 with the real module layout, for tests and the SD3 quickstart (nothing downloaded).
+"""A tiny SD3 / SD3.5 with the real module layout, for tests and benchmarks (nothing downloaded).
 
-Sizes follow FACTS.md's rules: MMDiT inner width 32 (2 heads of 16), 16 latent channels, CLIP-L width 32
+Sizes: MMDiT inner width 32 (2 heads of 16), 16 latent channels, CLIP-L width 32
 and CLIP-G width 48 (different, so a swapped pair fails), pooled = 32 + 48 = 80, T5 width 96 = the
 joint attention width (>= 32 + 48, the CLIP states are zero-padded to it). `dual_attention=True` gives
 the SD3.5-medium layout (attn2 in block 0, RMS qk-norm). `save_tiny_sd3_pipeline` writes a diffusers
@@ -30,7 +30,7 @@ def tiny_sd3_transformer(dual_attention: bool = False, seed: int = 0):
 
 def tiny_sd3_vae(seed: int = 0):
     from library.models.sd3_checkpoint import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
-    from library.models.tiny import tiny_vae
+    from library.tiny_models.sd import tiny_vae
 
     return tiny_vae(latent_channels=16, layers_per_block=2, seed=seed, scaling_factor=SD3_VAE_SCALING_FACTOR,
                     shift_factor=SD3_VAE_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
@@ -53,7 +53,7 @@ def tiny_sd3_t5(seed: int = 0):
     import torch
     from transformers import T5Config, T5EncoderModel
 
-    from library.models.tiny_flux import TINY_T5_VOCAB
+    from library.tiny_models.flux import TINY_T5_VOCAB
 
     torch.manual_seed(seed + 2)
     return T5EncoderModel(T5Config(
@@ -69,7 +69,7 @@ def tiny_sd3_pipeline(tokenizer_folder: str, dual_attention: bool = False, seed:
 
     from library.models.clip_tokenizer import build_clip_tokenizer
     from library.models.sd3_checkpoint import sd3_sampling_scheduler
-    from library.models.tiny_flux import tiny_t5_tokenizer
+    from library.tiny_models.flux import tiny_t5_tokenizer
 
     return StableDiffusion3Pipeline(
         transformer=tiny_sd3_transformer(dual_attention, seed), scheduler=sd3_sampling_scheduler(),
@@ -95,7 +95,7 @@ def save_tiny_sd3_single_file(folder: str, dual_attention: bool = False, with_te
     {"checkpoint", "clip_l", "clip_g", "t5xxl", "t5_tokenizer"} -> path."""
     from library.models import sd3_checkpoint as ckpt
     from library.models.t5_tokenizer import train_sentencepiece_t5_tokenizer
-    from library.models.tiny_flux import TINY_T5_VOCAB
+    from library.tiny_models.flux import TINY_T5_VOCAB
 
     os.makedirs(folder, exist_ok=True)
     paths = {"t5_tokenizer": os.path.join(folder, "t5_tokenizer")}

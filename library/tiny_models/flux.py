@@ -1,11 +1,12 @@
-"""A tiny FLUX.1 with the real module layout, for tests and the FLUX quickstart (nothing downloaded).
+"""A tiny FLUX.1 with the real module layout, for tests and the FLUX demo (nothing downloaded).
 
-Sizes from FACTS.md: transformer inner width 32 (2 heads of 16, rotary axes (4, 6, 6)), 64 packed input
+Sizes: transformer inner width 32 (2 heads of 16, rotary axes (4, 6, 6)), 64 packed input
 channels (16 latent channels x 2x2), T5 width 32 = joint_attention_dim, CLIP-L width 32 =
 pooled_projection_dim, a 16-channel AE with FLUX's scale and shift. The CLIP tokenizer is the real one
 (library/models/clip_tokenizer.py); the T5 tokenizer is a small sentencepiece model trained on the fly.
 `save_tiny_flux_pipeline(folder)` writes a diffusers FluxPipeline folder; `save_tiny_flux_single_files`
-writes what users download from BFL/ComfyUI (flux1 transformer, ae, clip_l, t5xxl) plus a tokenizer folder.
+writes what users download from BFL/ComfyUI (flux1 transformer, ae, clip_l, t5xxl) plus a tokenizer folder;
+`python -m library.tiny_models.flux FOLDER` writes them with demo images (docs/flux.md).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def tiny_flux_transformer(guidance_embeds: bool = True, num_layers: int = 2, num
 
 def tiny_flux_ae(seed: int = 0):
     from library.models.flux_checkpoint import FLUX_AE_SCALING_FACTOR, FLUX_AE_SHIFT_FACTOR
-    from library.models.tiny import tiny_vae
+    from library.tiny_models.sd import tiny_vae
 
     return tiny_vae(latent_channels=16, layers_per_block=2, seed=seed, scaling_factor=FLUX_AE_SCALING_FACTOR,
                     shift_factor=FLUX_AE_SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False)
@@ -61,7 +62,7 @@ def tiny_flux_pipeline(tokenizer_folder: str, guidance_embeds: bool = True, seed
 
     from library.models.clip_tokenizer import build_clip_tokenizer
     from library.models.flux_checkpoint import flux_sampling_scheduler
-    from library.models.tiny import tiny_clip_text_model
+    from library.tiny_models.sd import tiny_clip_text_model
 
     return FluxPipeline(
         scheduler=flux_sampling_scheduler(), vae=tiny_flux_ae(seed), text_encoder=tiny_clip_text_model(seed=seed),
@@ -85,7 +86,7 @@ def save_tiny_flux_single_files(folder: str, guidance_embeds: bool = True, seed:
     """flux1 transformer (BFL layout), ae, clip_l and t5xxl files plus a T5 tokenizer folder, as users
     download them; returns {"transformer", "ae", "clip_l", "t5xxl", "t5_tokenizer"} -> path."""
     from library.models import flux_checkpoint as ckpt
-    from library.models.tiny import tiny_clip_text_model
+    from library.tiny_models.sd import tiny_clip_text_model
 
     os.makedirs(folder, exist_ok=True)
     name = "flux1-dev" if guidance_embeds else "flux1-schnell"
@@ -103,7 +104,7 @@ def save_tiny_flux_single_files(folder: str, guidance_embeds: bool = True, seed:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m library.models.tiny_flux FOLDER`: the tiny model as BFL single files plus demo images,
+    """`python -m library.tiny_models.flux FOLDER`: the tiny model as BFL single files plus demo images,
     and the flux_train_network.py command that trains on them (docs/flux.md)."""
     import argparse
 

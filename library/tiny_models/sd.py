@@ -1,8 +1,8 @@
-"""Tiny randomly initialised models with the real block layouts, for tests and the quickstart.
+"""A tiny randomly initialised SD 1.5-layout model (UNet, VAE, CLIP), for tests and the quickstart.
 
-Sizes come from FACTS.md: small enough that one CPU training step takes well under a second, but
-with the same module names as the real checkpoints so LoRA key names and checkpoint converters are
-exercised for real. `save_tiny_sd15_pipeline(folder)` writes a complete diffusers folder that every
+The other tiny families reuse its VAE and CLIP builders. Widths of 32-64 channels: small enough
+that one CPU training step takes well under a second, but with the same module names as the real
+checkpoints so LoRA key names and checkpoint converters are exercised for real. `save_tiny_sd15_pipeline(folder)` writes a complete diffusers folder that every
 entry script accepts as `--pretrained_model_name_or_path`.
 """
 

@@ -1,6 +1,6 @@
 """A tiny randomly initialised SDXL-layout model (real block layout and names), for tests and demos.
 
-Sizes follow FACTS.md: CLIP-L stand-in of width 32, bigG stand-in of width 64 with a 64-wide
+Sizes: CLIP-L stand-in of width 32, bigG stand-in of width 64 with a 64-wide
 projection (the two widths must differ: diffusers tells the encoders of a single file apart by
 them), a 3-level UNet with cross-attention width 96 (= 32 + 64) and size embedding input
 6 * 8 + 64. Attention heads are 16 channels wide, the rule library/models/sgm_layout.py applies
@@ -47,7 +47,7 @@ def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
 
     from library.models.clip_tokenizer import build_clip_tokenizer
     from library.models.sgm_layout import SDXL_VAE_SCALING_FACTOR
-    from library.models.tiny import tiny_clip_text_model, tiny_vae
+    from library.tiny_models.sd import tiny_clip_text_model, tiny_vae
 
     return StableDiffusionXLPipeline(
         vae=tiny_vae(seed=seed, scaling_factor=SDXL_VAE_SCALING_FACTOR),

@@ -1,6 +1,6 @@
-"""A tiny Lumina Image 2.0 with the real module layout, for tests and the Lumina quickstart (nothing downloaded).
+"""A tiny Lumina Image 2.0 with the real module layout, for tests and benchmarks (nothing downloaded).
 
-Sizes from FACTS.md: transformer width 64 (4 heads of 16, 2 key/value heads, rotary axes (4, 6, 6)),
+Sizes: transformer width 64 (4 heads of 16, 2 key/value heads, rotary axes (4, 6, 6)),
 2 layers and 1 refiner layer each, Gemma-2 width 32 = cap_feat_dim, the 16-channel FLUX AE. The Gemma
 tokenizer is a small sentencepiece model trained on the fly (library/models/gemma_tokenizer.py).
 `save_tiny_lumina_pipeline(folder)` writes a diffusers Lumina2Pipeline folder; `save_tiny_lumina_single_files`
@@ -54,7 +54,7 @@ def tiny_lumina_pipeline(tokenizer_folder: str, seed: int = 0):
     from diffusers import Lumina2Pipeline
 
     from library.models.lumina_checkpoint import lumina_sampling_scheduler
-    from library.models.tiny_flux import tiny_flux_ae
+    from library.tiny_models.flux import tiny_flux_ae
 
     return Lumina2Pipeline(
         transformer=tiny_lumina_transformer(seed), scheduler=lumina_sampling_scheduler(), vae=tiny_flux_ae(seed),
@@ -76,7 +76,7 @@ def save_tiny_lumina_single_files(folder: str, seed: int = 0, with_prefix: bool 
     from library.models import flux_checkpoint
     from library.models import lumina_checkpoint as ckpt
     from library.models.gemma_tokenizer import train_sentencepiece_gemma_tokenizer
-    from library.models.tiny_flux import tiny_flux_ae
+    from library.tiny_models.flux import tiny_flux_ae
 
     os.makedirs(folder, exist_ok=True)
     paths = {"gemma2_tokenizer": os.path.join(folder, "gemma2_tokenizer")}
