@@ -7,7 +7,8 @@ state folder next to it (whatever --save_state says) and exits with code 0, so `
 continues exactly where it stopped. A second signal raises KeyboardInterrupt at once: every file the
 trainer writes goes through a temp file and a rename (library/atomic_io.py, state folders through
 `.partial`), and the interrupted write removes its temp file or folder, so no half-written file is
-left under a final name. With several processes every one stops at the same step (`any_process`).
+left under a final name. With several processes every one stops at the same step (the flag is summed
+over processes).
 Signals before the loop starts keep Python's default behaviour: nothing is written yet, so setup
 (loading, caching) stops at once.
 """
@@ -56,6 +57,6 @@ class StopRequest:
 
     def should_stop(self, accelerator) -> bool:
         """True on every process when any process got a stop signal (one collective per step with several)."""
-        from library.training.distributed import any_process
+        from library.training.distributed import sum_over_processes
 
-        return any_process(accelerator, self.requested)
+        return sum_over_processes(accelerator, [1.0 if self.requested else 0.0])[0] > 0
