@@ -212,3 +212,47 @@ def test_ui_options_and_app_build(tmp_path):
     app = build_app(UIContext(str(tmp_path / "workspace")))
     labels = {block.label for block in app.blocks.values() if getattr(block, "label", None)}
     assert {"Dataset", "Train", "Run", "Runs", "Image folder", "Caption", "Model family", "Runs (newest first)"} <= labels
+
+
+def test_resume_starts_the_runs_script_with_resume_latest(tmp_path):
+    """Resume runs the real script of the run's family; here its dataset config is gone, so it stops with
+    the script's own error, which the Run page shows with the exit code."""
+    from library.ui.run_page import resume, run_views
+
+    context = UIContext(str(tmp_path / "workspace"))
+    run = os.path.join(context.runs_dir, "r1")
+    os.makedirs(run)
+    with open(os.path.join(run, "config.toml"), "w") as f:
+        f.write(f'pretrained_model_name_or_path = "model"\ndataset_config = "{tmp_path / "gone.toml"}"\n'
+                f'output_dir = "{run}"\nmax_train_steps = 3\n')
+    with pytest.raises(UserError, match="family.txt is missing"):
+        resume(context, run)
+    run_folder.write_family(run, "sd")
+    assert resume(context, run) == f"resumed {run}"
+    assert context.processes.wait(run, timeout=120) == 2
+    log = open(os.path.join(run, "train.log")).read().splitlines()
+    assert log[0] == f"$ {sys.executable} {FAMILIES['sd'].script('sd')} --config_file " \
+                     f"{os.path.join(run, 'config.toml')} --resume latest"
+    assert log[-1] == f"error: {tmp_path / 'gone.toml'}: file not found"
+    status = run_views(context, run)[0]
+    assert status == "**r1**: not finished (the script exited with code 2: see the log)"
+    with pytest.raises(UserError, match="no run to resume"):
+        resume(context, None)
+
+
+def test_caption_command_is_what_the_caption_tool_accepts(demo_subset, monkeypatch):
+    import importlib.util
+
+    from library.ui.dataset_page import CAPTION_TOOL, caption_command, run_caption_tool
+
+    command = caption_command(demo_subset, ".txt", " local/blip ", overwrite=True)
+    if not os.path.isfile(CAPTION_TOOL):  # the tool arrives on another branch; the UI says so meanwhile
+        assert run_caption_tool(demo_subset, ".txt", "m", False).startswith("captioning needs tools/caption_images.py")
+        return
+    spec = importlib.util.spec_from_file_location("caption_images", CAPTION_TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "caption_images", tool)  # its dataclasses look their module up
+    spec.loader.exec_module(tool)
+    args = tool.build_parser().parse_args(command[2:])
+    assert (args.image_dir, args.model, args.caption_extension, args.overwrite, args.recursive) == \
+        (demo_subset, "local/blip", ".txt", True, False)

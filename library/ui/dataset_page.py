@@ -31,12 +31,17 @@ def thumbnails(image_dir: str, caption_extension: str) -> tuple[list, list[str]]
     return items, paths
 
 
+def caption_command(image_dir: str, caption_extension: str, model: str, overwrite: bool) -> list[str]:
+    """The tools/caption_images.py command: images without a caption file, or all of them (--overwrite)."""
+    return [sys.executable, CAPTION_TOOL, image_dir, "--model", model.strip(), "--caption_extension",
+            caption_extension, "--no-recursive", *(["--overwrite"] if overwrite else [])]
+
+
 def run_caption_tool(image_dir: str, caption_extension: str, model: str, overwrite: bool) -> str:
     """Run tools/caption_images.py on the folder; returns the end of its output."""
     if not os.path.isfile(CAPTION_TOOL):
         return "captioning needs tools/caption_images.py, which this checkout does not have"
-    command = [sys.executable, CAPTION_TOOL, image_dir, "--model", model, "--caption_extension", caption_extension,
-               *(["--overwrite"] if overwrite else [])]
+    command = caption_command(image_dir, caption_extension, model, overwrite)
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
     output = (result.stdout + result.stderr).strip().splitlines()
     return ("captioned" if result.returncode == 0 else f"captioning failed (exit code {result.returncode})") + \
