@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     warning = exposure_warning(args)
     if warning:
         logger.warning(warning)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError("the web UI needs gradio: pip install -e '.[ui]' (setup.sh installs it)") from None
     context = UIContext(args.workspace)
     app = build_app(context)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
