@@ -64,6 +64,13 @@ class Training:
         output = "".join(self.lines[-20:])
         assert found and not self.lines[-1] == "<exit>", f"never saw {text!r}:\n{output}"
 
+    def exit_code(self, timeout: float = 120) -> int:
+        """Wait for the process to end and for all its stderr lines to be read."""
+        code = self.process.wait(timeout=timeout)
+        with self.seen:
+            self.seen.wait_for(lambda: self.lines[-1:] == ["<exit>"], timeout)
+        return code
+
     def kill_when(self, text: str, timeout: float = 240) -> None:
         self.wait_for(text, timeout=timeout)
         os.kill(self.process.pid, signal.SIGKILL)
