@@ -2,7 +2,7 @@
 
 A FLUX transformer (diffusers' FluxTransformer2DModel, FLUX's module layout at a small width, more
 blocks than the test model) with a frozen base and a LoRA on FLUX's targets trains forward + backward +
-AdamW for N steps twice: as it is, and with `enable_block_swap` (library/families/flux.py) through
+AdamW for N steps twice: as it is, and with `enable_block_swap` (library/offload.py, FLUX's block_swap_groups) through
 `NoCopyBackend`, a transfer backend whose moves copy nothing (a block's "device buffers" are host
 masters taken from the swapper's pool). So the difference between the two is the pure cost of the
 swapper's hooks, schedule, buffer pool and saved-weight references, without any transfer; on a GPU
@@ -96,7 +96,8 @@ def build(args, swap: bool):
     """(transformer, optimizer, swapper or None) for one of the two timed models (same weights)."""
     import torch
 
-    from library.families.flux import enable_block_swap
+    from library.families.flux import FluxFamily
+    from library.offload import enable_block_swap
 
     transformer = flux_transformer(args.double, args.single, args.heads, 16, (4, 6, 6), args.text_width,
                                    args.text_width)
@@ -107,8 +108,8 @@ def build(args, swap: bool):
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
-    swapper = enable_block_swap(transformer, args.blocks_to_swap, NoCopyBackend(), trains_weights=args.full) \
-        if swap else None
+    groups = FluxFamily().block_swap_groups(transformer, args.blocks_to_swap)
+    swapper = enable_block_swap(transformer, groups, NoCopyBackend(), trains_weights=args.full) if swap else None
     return transformer, torch.optim.AdamW(trained, lr=1e-5), swapper
 
 

@@ -243,8 +243,7 @@ class FluxBench:
         from library.training.trainer import disable_cudnn_attention
 
         torch = self.torch
-        self.family = FluxFamily()
-        self.args = parse_training_args(self.family, "network", [
+        self.family, self.args = parse_training_args(FluxFamily(), "network", [
             "--pretrained_model_name_or_path", "random-flux1-dev", "--output_dir", self.options.work_dir,
             "--network_module", "networks.lora", "--network_dim", str(self.options.rank), "--network_alpha",
             str(self.options.rank), "--network_train_unet_only", "--optimizer_type", "AdamW",
@@ -253,7 +252,7 @@ class FluxBench:
         self.components = ModelComponents(denoiser=self.transformer, vae=None,
                                           text_encoders=[tiny_clip_text_model(), tiny_t5_encoder()],
                                           tokenizers=[None, None], noise_scheduler=None)
-        self.mode = make_mode("network", self.family, self.args)
+        self.mode = make_mode(self.family.settings.kind, self.family, self.args)
         self.param_groups = self.mode.prepare(self.components)
         self.network = self.mode.network
         self.network.to(self.device.device)
@@ -345,13 +344,14 @@ class FluxBench:
 
     # ----- one configuration ---------------------------------------------------------------------
     def run_config(self, precision: str, blocks_to_swap: int) -> dict:
-        from library.families.flux import enable_block_swap
+        from library.offload import enable_block_swap
 
         torch, device = self.torch, self.device
         swapper = None
         try:
             if blocks_to_swap:
-                swapper = enable_block_swap(self.transformer, blocks_to_swap, device.transfer_backend())
+                groups = self.family.block_swap_groups(self.transformer, blocks_to_swap)
+                swapper = enable_block_swap(self.transformer, groups, device.transfer_backend())
             optimizer = self.new_optimizer()
             device.reset_peak()
             loss, grads = self.trainer_step(optimizer, keep_grads=True)

@@ -28,8 +28,8 @@ def run_training(family_name: str, mode: str, argv: list[str] | None = None) -> 
         from library.config.arguments import parse_training_args
         from library.training.trainer import Trainer
 
-        args = parse_training_args(family, mode, argv)
-        Trainer(family, mode, args).train()
+        family, args = parse_training_args(family, mode, argv)
+        Trainer(family, args).train()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)

@@ -10,7 +10,7 @@ Three layouts hold the same low-rank pairs under different names:
 - "comfy": ComfyUI's generic names, the denoiser's own checkpoint module names
   (`diffusion_model.input_blocks.1.1.proj_in`) and diffusers-style text-encoder names, with kohya's
   tensor suffixes (comfy/lora.py `model_lora_keys_unet`/`model_lora_keys_clip`).
-Names come from the family (`ModelFamily.lora_module_names`), so this module never branches on a
+Names come from the family's LoRA file layout (`LoraFileLayout.module_names`), so this module never branches on a
 family. Tensors are never changed, only renamed; alphas move between tensors and metadata with
 their dtype recorded, so kohya -> diffusers -> kohya is bit-exact. Our own code: no library converts
 in every direction (diffusers' converters write alpha = rank).
@@ -199,9 +199,10 @@ class NameTable:
     """The family's layer names in every layout, looked up from any of them, plus its fused modules."""
 
     def __init__(self, family) -> None:
-        names = family.lora_module_names()
+        layout_of_family = family.lora_file_layout()
+        names = layout_of_family.module_names()
         self.by_layout = {layout: {getattr(n, layout): n for n in names} for layout in LAYOUTS}
-        self.fused = family.fused_lora_module_names()  # kohya -> (comfy name, diffusers members)
+        self.fused = layout_of_family.fused_module_names()  # kohya -> (comfy name, diffusers members)
         self.fused_by_comfy = {comfy: kohya for kohya, (comfy, _) in self.fused.items()}
         self.member_of = {member: (kohya, index) for kohya, (_, members) in self.fused.items()
                           for index, member in enumerate(members)}
@@ -276,7 +277,7 @@ def _split_fused(pairs: dict[str, LoraPair], table: NameTable, family) -> dict[s
         if name not in table.fused:
             split[name] = pair
             continue
-        sizes = family.fused_lora_row_sizes(name, pair.down, pair.up)
+        sizes = family.lora_file_layout().fused_row_sizes(name, pair.down, pair.up)
         start = 0
         for member, size in zip(table.fused[name][1], sizes):
             # copies: safetensors refuses tensors that share memory

@@ -5,7 +5,7 @@ folder: every tensor is read on its own, the LoRA deltas that touch it (ratio * 
 down, on the chosen device in float32) are added, and it is written out in the output dtype, so memory
 stays near the largest tensor plus the LoRAs whatever the checkpoint's size. Tensors no LoRA touches
 and whose dtype stays are copied byte for byte. Which LoRA module changes which tensor comes from the
-family (`checkpoint_lora_slices`); LoRAs in diffusers or ComfyUI layout are renamed to kohya names
+family's LoRA file layout (`LoraFileLayout.checkpoint_slices`); LoRAs in diffusers or ComfyUI layout are renamed to kohya names
 first (library/lora_formats.py). Before anything is written, every module of every LoRA must find
 its tensor, else a UserError says how many matched and what the LoRA looks like.
 
@@ -137,7 +137,8 @@ def _attach_slices(family, weights: list[WeightFile]) -> set[str]:
     """Fill each file's tensor -> LoRA slices map; returns every LoRA name the model can take."""
     known = set()
     for weight_file in weights:
-        weight_file.slices = family.checkpoint_lora_slices(weight_file.header.meta_tensors(), weight_file.component)
+        weight_file.slices = family.lora_file_layout().checkpoint_slices(weight_file.header.meta_tensors(),
+                                                                         weight_file.component)
         known.update(s.lora_name for slices in weight_file.slices.values() for s in slices)
     return known
 
@@ -148,8 +149,9 @@ def check_coverage(loras: list[MergeLora], known: set[str], family, model: str) 
         if unmatched:
             matched = len(lora.pairs) - len(unmatched)
             hint = ""
-            if family.separate_text_encoder_components and all(n.startswith("lora_te") for n in unmatched):
-                files = " ".join(family.separate_text_encoder_components.values())
+            separate = family.lora_file_layout().separate_text_encoder_components
+            if separate and all(n.startswith("lora_te") for n in unmatched):
+                files = " ".join(separate.values())
                 hint = f"; its text-encoder modules need the text-encoder files: --text_encoders {files} (in that " \
                        "order) and --save_text_encoders_to"
             raise UserError(
@@ -254,7 +256,8 @@ def _merge_record(loras: list[MergeLora]) -> str:
 
 def separate_text_encoder_files(family, sources: list[str], targets: list[str], model: str) -> list[WeightFile]:
     """--text_encoders / --save_text_encoders_to: the family's text encoders kept in files of their own."""
-    components = list(family.separate_text_encoder_components)
+    separate = family.lora_file_layout().separate_text_encoder_components
+    components = list(separate)
     if not sources and not targets:
         return []
     if not components:
@@ -262,7 +265,7 @@ def separate_text_encoder_files(family, sources: list[str], targets: list[str], 
     if os.path.isdir(model):
         raise UserError(f"{model} is a diffusers folder and holds its text encoders; drop --text_encoders")
     if len(sources) > len(components) or len(sources) != len(targets):
-        files = ", ".join(family.separate_text_encoder_components.values())
+        files = ", ".join(separate.values())
         raise UserError(f"give up to {len(components)} --text_encoders ({files}, in that order) and "
                         f"as many --save_text_encoders_to paths (got {len(sources)} and {len(targets)})")
     files = []

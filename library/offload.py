@@ -4,6 +4,9 @@ Our own code: no maintained library swaps blocks around both forward and backwar
 is the pure arithmetic of which block moves when; `BlockSwapper` applies it to a model through hooks;
 a `TransferBackend` performs the copies (`CudaTransferBackend` on a side stream overlapped with compute,
 `HostTransferBackend` between CPU tensors, for tests and CPU benchmarks of the bookkeeping).
+Families use it through one hook, `ModelFamily.block_swap_groups` (which block lists swap, how many of
+each); the flag (`add_blocks_to_swap_argument`), its check (`validated_blocks_to_swap`), placement
+(`place_with_block_swap`) and `enable_block_swap` are written here once.
 
 Schedule, for one list of n blocks with N swapped and R = n - N resident at a time:
 - before each forward blocks 0..R-1 are on the device (re-established if a step did not end that way);
@@ -45,6 +48,44 @@ def check_blocks_to_swap(blocks_to_swap: int, num_blocks: int, what: str) -> Non
     if not 0 <= blocks_to_swap <= num_blocks - 2:
         raise UserError(f"--blocks_to_swap: {blocks_to_swap} {what} requested, but at most {max(0, num_blocks - 2)} "
                         f"of the {num_blocks} can be swapped (two stay on the GPU)")
+
+
+def add_blocks_to_swap_argument(group, what: str) -> None:
+    """The --blocks_to_swap flag of a family that can swap `what` ("transformer blocks", ...)."""
+    group.add_argument("--blocks_to_swap", type=int, default=None,
+                       help=f"keep this many {what} in CPU memory, moving them to the GPU when needed")
+
+
+def validated_blocks_to_swap(blocks_to_swap: Optional[int]) -> int:
+    """--blocks_to_swap checked before any model loads (0 or more; a CUDA GPU when set); None -> 0."""
+    if blocks_to_swap is not None and blocks_to_swap < 0:
+        raise UserError(f"--blocks_to_swap must be 0 or more (got {blocks_to_swap})")
+    if blocks_to_swap:
+        import torch
+
+        require_cuda("cuda" if torch.cuda.is_available() else "cpu")  # fail before loading the model
+    return blocks_to_swap or 0
+
+
+def enable_block_swap(root, groups: Sequence[tuple[str, Sequence, int]], backend: "TransferBackend",
+                      trains_weights: bool = False, record_events: bool = False) -> "BlockSwapper":
+    """Swap the blocks of `groups` ((name, block list, how many to swap) per list) of a model whose
+    other parts are already on backend.device; logs what stays in CPU memory."""
+    swapper = BlockSwapper(root, groups, backend, trains_weights=trains_weights, record_events=record_events)
+    kept = ", ".join(f"{count} of {len(blocks)} {name}" for name, blocks, count in groups)
+    logger.info("block swap: %s blocks stay in CPU memory (%.2f GB less VRAM)", kept, swapper.swapped_bytes() / 1e9)
+    return swapper
+
+
+def place_with_block_swap(root, groups: Sequence[tuple[str, Sequence, int]], backend: "TransferBackend",
+                          trains_weights: bool = False) -> "BlockSwapper":
+    """For a model held in CPU memory: every child but the swapped block lists to backend.device,
+    then the swap of those lists."""
+    swapped = [blocks for _, blocks, _ in groups]
+    for child in root.children():
+        if not any(child is blocks for blocks in swapped):
+            child.to(backend.device)
+    return enable_block_swap(root, groups, backend, trains_weights=trains_weights)
 
 
 class SwapSchedule:

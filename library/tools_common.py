@@ -92,17 +92,18 @@ def _training_defaults(family) -> dict:
             if action.dest != argparse.SUPPRESS and action.dest != "help"}
 
 
-def parse_tool_args(family, parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+def parse_tool_args(family, parser: argparse.ArgumentParser, argv: list[str]):
     """Parse the tool's flags; training-only flags the family reads (noise schedule, network options)
-    are present at their training defaults, so the family validates and loads as for training."""
+    are present at their LoRA-training defaults, so the family validates and loads as for training.
+    Returns (the family configured for LoRA training, the arguments)."""
     from library.config.config_file import parse_args_with_config_file
+    from library.training.modes import NETWORK
 
     args = parse_args_with_config_file(parser, argv)
     for name, default in _training_defaults(family).items():
         if not hasattr(args, name):
             setattr(args, name, default)
-    family.validate_args(args)
-    return args
+    return family.configure(args, NETWORK), args
 
 
 def load_dataset(args: argparse.Namespace):

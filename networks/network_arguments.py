@@ -71,19 +71,21 @@ def import_network_module(name: str) -> ModuleType:
     return importlib.import_module(NETWORK_MODULES[name])
 
 
-def create_network_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of create_network(targets, **kwargs) that come from the flags."""
+def create_network_kwargs(args: argparse.Namespace, family_keys: tuple[str, ...] = ()) -> dict:
+    """The keyword arguments of create_network(targets, **kwargs) that come from the flags; the
+    --network_args keys in `family_keys` belong to the model family (its LoraTarget) and are left out."""
+    network_args = {k: v for k, v in parse_network_args(args.network_args).items() if k not in family_keys}
     return {
         "network_dim": args.network_dim,
         "network_alpha": args.network_alpha,
         "network_dropout": args.network_dropout,
-        "network_args": parse_network_args(args.network_args),
+        "network_args": network_args,
         "train_unet": not args.network_train_text_encoder_only,
         "train_text_encoder": not args.network_train_unet_only,
     }
 
 
-def validate_network_args(args: argparse.Namespace) -> None:
+def validate_network_args(args: argparse.Namespace, family_keys: tuple[str, ...] = ()) -> None:
     """Reject contradictory or ineffective network flags before any model is loaded."""
     module = import_network_module(args.network_module)
     if args.network_train_unet_only and args.network_train_text_encoder_only:
@@ -98,6 +100,6 @@ def validate_network_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must not be negative (got {value})")
     if args.network_weights is not None and not os.path.isfile(args.network_weights):
         raise UserError(f"--network_weights {args.network_weights} does not exist")
-    kwargs = create_network_kwargs(args)
+    kwargs = create_network_kwargs(args, family_keys)
     module.parse_lora_options(kwargs["network_dim"], kwargs["network_alpha"], kwargs["network_dropout"],
                               kwargs["network_args"])

@@ -8,11 +8,18 @@ import torch
 
 from library.errors import UserError
 from library.families.base import ModelComponents
-from library.families.flux import FluxFamily, enable_block_swap, flux_swap_split, store_in_fp8
+from library.families.flux import FluxFamily, flux_swap_split, store_in_fp8
 from library.tiny_models.sd import tiny_clip_text_model
 from library.tiny_models.flux import tiny_flux_transformer, tiny_t5_encoder
-from library.offload import HostTransferBackend
+from library.offload import HostTransferBackend, enable_block_swap
 from networks.lora import create_network
+
+
+
+def swap(transformer, blocks_to_swap, backend, **kwargs):
+    """Block swap as the family places it: its block_swap_groups through library/offload.py."""
+    groups = FluxFamily().block_swap_groups(transformer, blocks_to_swap)
+    return enable_block_swap(transformer, groups, backend, **kwargs)
 
 
 class PoisonBackend(HostTransferBackend):
@@ -55,7 +62,7 @@ def test_lora_step_with_swapped_blocks_matches(checkpointing, fp8):
         store_in_fp8(reference_model, torch.float32)
         store_in_fp8(transformer, torch.float32)
     reference_loss, reference_grads = step(reference_model, reference_network)
-    swapper = enable_block_swap(transformer, 4, PoisonBackend(), record_events=True)  # 2 double + 4 single
+    swapper = swap(transformer, 4, PoisonBackend(), record_events=True)  # 2 double + 4 single
     assert [len(swapper.resident_blocks(g)) for g in (0, 1)] == [2, 2]
     for _ in range(2):
         loss, grads = step(transformer, network)
@@ -72,7 +79,7 @@ def test_lora_step_with_swapped_blocks_matches(checkpointing, fp8):
 def test_sampling_uses_the_forward_only_schedule():
     reference, _ = lora_model(False)
     transformer, _ = lora_model(False)
-    swapper = enable_block_swap(transformer, 4, PoisonBackend(), record_events=True)
+    swapper = swap(transformer, 4, PoisonBackend(), record_events=True)
     inputs = dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 32),
                   pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
                   txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]), return_dict=False)

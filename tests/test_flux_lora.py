@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from library.errors import UserError
 from library.families.base import ModelComponents
-from library.families.flux import FluxFamily, FluxLoraSettings
+from library.families.flux import FluxFamily, FluxLoraSettings, FluxSettings
 from library.models import flux_checkpoint as ckpt
 from library.tiny_models.sd import tiny_clip_text_model
 from library.tiny_models.flux import tiny_flux_transformer, tiny_t5_encoder
@@ -31,9 +31,7 @@ def components():
 
 
 def network(parts, network_args=None, dim=4, save_format="kohya", train_text_encoder=True):
-    family = FluxFamily()
-    family.lora_settings = FluxLoraSettings(network_args or {})
-    family.save_lora_format = save_format
+    family = FluxFamily(FluxSettings(lora=FluxLoraSettings(network_args or {}), save_lora_format=save_format))
     net = create_network(family.lora_targets(parts), network_dim=dim, network_alpha=2,
                          train_text_encoder=train_text_encoder)
     torch.manual_seed(1)
@@ -114,13 +112,16 @@ def test_network_args_are_split_from_networks_lora_keys():
     from library.config.arguments import parse_training_args
     from library.families import get_family
 
-    family = get_family("flux")
-    args = parse_training_args(family, "network", [
+    from networks.network_arguments import create_network_kwargs
+
+    argv_network_args = ["train_blocks=double", "conv_dim=4", "train_t5xxl=False"]
+    family, args = parse_training_args(get_family("flux"), "network", [
         "--pretrained_model_name_or_path", "x.safetensors", "--output_dir", "out", "--train_data_dir", "img",
-        "--network_args", "train_blocks=double", "conv_dim=4", "train_t5xxl=False"])
-    assert args.network_args == ["conv_dim=4"] and args.flux_network_args == {"train_blocks": "double",
-                                                                             "train_t5xxl": "False"}
-    assert family.lora_settings.train_blocks == "double"
+        "--network_args", *argv_network_args])
+    assert args.network_args == argv_network_args  # the user's arguments are never rewritten
+    assert create_network_kwargs(args, family.network_arg_keys)["network_args"] == {"conv_dim": "4"}
+    assert family.settings.lora.given == {"train_blocks": "double", "train_t5xxl": "False"}
+    assert family.settings.lora.train_blocks == "double"
 
 
 def test_diffusers_layout_is_applied_exactly_by_flux_pipeline(tmp_path):

@@ -142,13 +142,13 @@ def test_schnell_defaults_and_rejections(tmp_path, demo_image_root):
     folder = save_tiny_flux_pipeline(str(tmp_path / "schnell"), guidance_embeds=False)
     common = ["--pretrained_model_name_or_path", folder, "--output_dir", str(tmp_path), "--train_data_dir",
               demo_image_root]
-    family = get_family("flux")
-    args = parse_training_args(family, "network", common)
-    family.load(args)
-    assert family.is_schnell and family.t5_max_length(args) == 256 and family.modelspec_architecture == "flux-1-schnell"
-    family = get_family("flux")
+    family, args = parse_training_args(get_family("flux"), "network", common)
+    components = family.load(args)
+    assert components.is_schnell and family.t5_max_length(components) == 256
+    assert family.modelspec_architecture(components) == "flux-1-schnell"
+    family, args = parse_training_args(get_family("flux"), "network", [*common, "--guidance_scale", "3.5"])
     with pytest.raises(UserError, match="--guidance_scale has no effect: this is a FLUX.1 schnell model"):
-        family.load(parse_training_args(family, "network", [*common, "--guidance_scale", "3.5"]))
+        family.load(args)
     with pytest.raises(SystemExit) as exit_info:
         run_training("flux", "network", [*common, "--blocks_to_swap", "1", "--network_module", "networks.lora"])
     assert exit_info.value.code == 2

@@ -11,9 +11,17 @@ from diffusers import Lumina2Transformer2DModel
 from block_swap_checks import PoisonBackend, one_thread, replay_events  # noqa: F401 (autouse fixture)
 from library.errors import UserError
 from library.families.base import ModelComponents
-from library.families.lumina import LuminaFamily, enable_block_swap
+from library.families.lumina import LuminaFamily
 from library.tiny_models.lumina import tiny_gemma2, tiny_lumina_transformer
+from library.offload import enable_block_swap
 from networks.lora import create_network
+
+
+
+def swap(transformer, blocks_to_swap, backend, **kwargs):
+    """Block swap as the family places it: its block_swap_groups through library/offload.py."""
+    groups = LuminaFamily().block_swap_groups(transformer, blocks_to_swap)
+    return enable_block_swap(transformer, groups, backend, **kwargs)
 
 NUM_BLOCKS, SWAPPED = 6, 4
 BUDGET = NUM_BLOCKS - SWAPPED
@@ -74,7 +82,7 @@ def test_lora_step_with_swapped_layers_matches(checkpointing):
     reference_model, reference_network = lora_model(checkpointing)
     transformer, network = lora_model(checkpointing)
     reference_loss, reference_grads = step(reference_model, reference_network)
-    swapper = enable_block_swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
+    swapper = swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
     assert swapper.resident_blocks(0) == [0, 1]
     assert all(torch.isnan(p).all() for p in transformer.layers[NUM_BLOCKS - 1].parameters())  # poisoned
     for _ in range(2):
@@ -94,7 +102,7 @@ def test_full_fine_tune_gradients_match():
     reference = transformer_with_layers().train()
     transformer = transformer_with_layers().train()
     reference_loss, reference_grads = step(reference, reference)
-    swapper = enable_block_swap(transformer, SWAPPED, PoisonBackend(), trains_weights=True, record_events=True)
+    swapper = swap(transformer, SWAPPED, PoisonBackend(), trains_weights=True, record_events=True)
     loss, grads = step(transformer, transformer)
     assert torch.equal(loss, reference_loss)
     assert_same_grads(grads, reference_grads, len(list(reference.parameters())))
@@ -105,7 +113,7 @@ def test_full_fine_tune_gradients_match():
 def test_sampling_uses_the_forward_only_schedule():
     reference, _ = lora_model(False)
     transformer, _ = lora_model(False)
-    swapper = enable_block_swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
+    swapper = swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
     with torch.no_grad():
         for _ in range(2):
             assert torch.equal(transformer(**inputs(1))[0], reference(**inputs(1))[0])
@@ -117,6 +125,6 @@ def test_sampling_uses_the_forward_only_schedule():
 
 def test_blocks_to_swap_limit():
     with pytest.raises(UserError, match="at most 0 of the 2 can be swapped"):
-        enable_block_swap(tiny_lumina_transformer(), 1, PoisonBackend())
+        swap(tiny_lumina_transformer(), 1, PoisonBackend())
     with pytest.raises(UserError, match="5 Lumina 2 layers requested, but at most 4 of the 6"):
-        enable_block_swap(transformer_with_layers(), 5, PoisonBackend())
+        swap(transformer_with_layers(), 5, PoisonBackend())

@@ -2,7 +2,7 @@
 
 A denoiser that returns the analytically right output for the noise, latents and timesteps the step
 draws must score a loss of zero (below 1e-6), and any perturbation of it a strictly larger loss. This
-runs `StepLoss.sample_losses` of each real family (its parser, validate_args, noise scheme and
+runs `StepLoss.sample_losses` of each real family (its parser, settings_from_args, noise scheme and
 prediction conversion), with only `predict` replaced, for every prediction type and timestep sampling,
 and epsilon / v-prediction for SD and SDXL. The right outputs are written here from the definitions:
 the flow velocity is noise - latents (Lumina 2's own convention: latents - noise); additive predicts
@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from library.config.arguments import build_parser
+from library.config.arguments import parse_training_args
 from library.families import get_family
 from library.training.distributed import noised_inputs
 from library.training.flow_matching import MODEL_PREDICTION_TYPES, TIMESTEP_SAMPLINGS
@@ -47,10 +47,10 @@ def with_answer(family):
 def build_step_loss(name: str, argv: list[str], v_prediction: bool = False):
     from library.models.sd_checkpoint import sd_noise_scheduler
 
-    family = get_family(name)
-    args = build_parser(family, "network").parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", "out", *argv])
-    family.validate_args(args)
-    components = Namespace(tokenizers=[None] * TOKENIZERS[name], noise_scheduler=sd_noise_scheduler(v_prediction))
+    family, args = parse_training_args(get_family(name), "network",
+                                       ["--pretrained_model_name_or_path", "x", "--output_dir", "out", *argv])
+    components = Namespace(tokenizers=[None] * TOKENIZERS[name], noise_scheduler=sd_noise_scheduler(v_prediction),
+                           is_schnell=False)
     return StepLoss(with_answer(family), components, args, OneProcess(), None, torch.float32, trains_text_encoder=False)
 
 

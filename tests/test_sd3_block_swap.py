@@ -11,9 +11,17 @@ from diffusers import SD3Transformer2DModel
 from block_swap_checks import PoisonBackend, one_thread, replay_events  # noqa: F401 (autouse fixture)
 from library.errors import UserError
 from library.families.base import ModelComponents
-from library.families.sd3 import SD3Family, enable_block_swap
+from library.families.sd3 import SD3Family
 from library.tiny_models.sd3 import CLIP_G_WIDTH, CLIP_L_WIDTH, tiny_sd3_clip, tiny_sd3_transformer
+from library.offload import enable_block_swap
 from networks.lora import create_network
+
+
+
+def swap(transformer, blocks_to_swap, backend, **kwargs):
+    """Block swap as the family places it: its block_swap_groups through library/offload.py."""
+    groups = SD3Family().block_swap_groups(transformer, blocks_to_swap)
+    return enable_block_swap(transformer, groups, backend, **kwargs)
 
 NUM_BLOCKS, SWAPPED = 6, 4
 BUDGET = NUM_BLOCKS - SWAPPED
@@ -67,7 +75,7 @@ def test_lora_step_with_swapped_blocks_matches(checkpointing, dual_attention):
     reference_model, reference_network = lora_model(checkpointing, dual_attention)
     transformer, network = lora_model(checkpointing, dual_attention)
     reference_loss, reference_grads = step(reference_model, reference_network)
-    swapper = enable_block_swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
+    swapper = swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
     assert swapper.resident_blocks(0) == [0, 1]
     assert all(torch.isnan(p).all() for p in transformer.transformer_blocks[NUM_BLOCKS - 1].parameters())  # poisoned
     for _ in range(2):
@@ -87,7 +95,7 @@ def test_full_fine_tune_gradients_match():
     reference = transformer_with_blocks(False).train()
     transformer = transformer_with_blocks(False).train()
     reference_loss, reference_grads = step(reference, reference)
-    swapper = enable_block_swap(transformer, SWAPPED, PoisonBackend(), trains_weights=True, record_events=True)
+    swapper = swap(transformer, SWAPPED, PoisonBackend(), trains_weights=True, record_events=True)
     loss, grads = step(transformer, transformer)
     assert torch.equal(loss, reference_loss)
     assert_same_grads(grads, reference_grads, len(list(reference.parameters())))
@@ -98,7 +106,7 @@ def test_full_fine_tune_gradients_match():
 def test_sampling_uses_the_forward_only_schedule():
     reference, _ = lora_model(False)
     transformer, _ = lora_model(False)
-    swapper = enable_block_swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
+    swapper = swap(transformer, SWAPPED, PoisonBackend(), record_events=True)
     with torch.no_grad():
         for _ in range(2):
             assert torch.equal(transformer(**inputs(1))[0], reference(**inputs(1))[0])
@@ -111,6 +119,6 @@ def test_sampling_uses_the_forward_only_schedule():
 def test_blocks_to_swap_limit():
     transformer = tiny_sd3_transformer()  # 2 joint blocks: nothing can be swapped
     with pytest.raises(UserError, match="has 2 joint blocks and can swap at most 0"):
-        enable_block_swap(transformer, 1, PoisonBackend())
+        swap(transformer, 1, PoisonBackend())
     with pytest.raises(UserError, match="has 6 joint blocks and can swap at most 4"):
-        enable_block_swap(transformer_with_blocks(False), 5, PoisonBackend())
+        swap(transformer_with_blocks(False), 5, PoisonBackend())

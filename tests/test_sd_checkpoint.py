@@ -256,9 +256,11 @@ def test_sd2_single_file_round_trip(tiny_sd2_pipeline, tmp_path):
 # ---- saving through the family ---------------------------------------------------------------------
 
 def components_of(pipeline):
-    return ModelComponents(
+    from library.families.sd import SDComponents
+
+    return SDComponents(
         denoiser=pipeline.unet, vae=pipeline.vae, text_encoders=[pipeline.text_encoder],
-        tokenizers=[pipeline.tokenizer], noise_scheduler=sd_noise_scheduler(False), extra={"v2": False},
+        tokenizers=[pipeline.tokenizer], noise_scheduler=sd_noise_scheduler(False), v2=False,
     )
 
 

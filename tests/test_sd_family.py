@@ -14,6 +14,7 @@ from library.families.sd_text import (
     SDTokenizeStrategy,
     weight_content_positions,
 )
+from library.training.modes import NETWORK
 
 BOS, EOS = 49406, 49407
 
@@ -23,8 +24,7 @@ def parse(*argv):
     parser = argparse.ArgumentParser()
     family.add_arguments(parser)
     args = parser.parse_args(["--pretrained_model_name_or_path", "x", *argv])
-    family.validate_args(args)
-    return family, args
+    return family.configure(args, NETWORK), args
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +65,18 @@ def test_get_family_returns_a_fresh_sd_family():
     (["--max_token_length", "100"], "--max_token_length 100: use 75, 150 or 225"),
     (["--clip_skip", "0"], "--clip_skip 0"),
 ])
-def test_validate_args_rejects_bad_values(argv, message):
+def test_settings_reject_bad_values(argv, message):
     with pytest.raises(UserError, match=message):
         parse(*argv)
 
 
 def test_variant_names_follow_the_flags():
     family, _ = parse()
-    assert (family.base_model_version, family.modelspec_architecture) == ("sd_v1", "stable-diffusion-v1")
+    assert (family.base_model_version, family.modelspec_architecture(None)) == ("sd_v1", "stable-diffusion-v1")
     family, _ = parse("--v2", "--v_parameterization")
-    assert (family.base_model_version, family.modelspec_architecture) == ("sd_v2_v", "stable-diffusion-v2-768-v")
+    assert (family.base_model_version, family.modelspec_architecture(None)) == ("sd_v2_v", "stable-diffusion-v2-768-v")
     family, _ = parse("--v2")
-    assert family.modelspec_architecture == "stable-diffusion-v2-512"
+    assert family.modelspec_architecture(None) == "stable-diffusion-v2-512"
 
 
 # ---- loading through the family ------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_latents_use_the_vae_scaling_factor(components):
 
 def test_text_encoder_cache_identity():
     family, args = parse("--max_token_length", "225", "--clip_skip", "2", "--weighted_captions")
-    assert family.text_encoder_outputs_caching_strategy(args).cache_identity() == {
+    assert family.text_encoder_outputs_caching_strategy(args, None).cache_identity() == {
         "family": "sd", "text_encoder": "clip-l", "model": "x", "max_token_length": "225",
         "clip_skip": "2", "weighted_captions": "multiply",
     }

@@ -19,7 +19,7 @@ from library.families.sdxl import SDXLFamily, size_time_ids
 from library.families.sdxl_text import SDXLTextEncodingStrategy, SDXLTokenizeStrategy, text_encoders_fingerprint
 from library.models import sgm_layout as sgm
 from library.models.sdxl_checkpoint import load_sdxl_models
-from library.training.modes import FullFineTuneMode
+from library.training.modes import FULL, NETWORK, FullFineTuneMode
 
 
 def parse(*argv, full=False):
@@ -31,8 +31,7 @@ def parse(*argv, full=False):
 
         add_full_finetune_arguments(parser)
     args = parser.parse_args(["--pretrained_model_name_or_path", "x", *argv])
-    family.validate_args(args)
-    return family, args
+    return family.configure(args, FULL if full else NETWORK), args
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def encode(pipe, captions, max_token_length=75, weighted=False):
 def test_family_attributes():
     family = get_family("sdxl")
     assert isinstance(family, SDXLFamily)
-    assert (family.name, family.display_name, family.base_model_version, family.modelspec_architecture) == (
+    assert (family.name, family.display_name, family.base_model_version, family.modelspec_architecture(None)) == (
         "sdxl", "SDXL", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base")
 
 
@@ -222,13 +221,14 @@ def test_text_encoder_cache_identity_names_encoders_length_and_weighting(pipe):
     from library.tiny_models.sd import tiny_clip_text_model
 
     family, args = parse("--max_token_length", "150", "--weighted_captions")
-    family.encoders_fingerprint = text_encoders_fingerprint(pipe.text_encoder, pipe.text_encoder_2)
-    identity = family.text_encoder_outputs_caching_strategy(args).cache_identity()
-    assert identity == {"family": "sdxl", "text_encoders": f"clip-l+openclip-bigg:{family.encoders_fingerprint}",
+    components = components_of(pipe)
+    components.text_encoders_fingerprint = text_encoders_fingerprint(pipe.text_encoder, pipe.text_encoder_2)
+    identity = family.text_encoder_outputs_caching_strategy(args, components).cache_identity()
+    assert identity == {"family": "sdxl", "text_encoders": f"clip-l+openclip-bigg:{components.text_encoders_fingerprint}",
                         "hidden_layers": "clip-l[-2],bigg[-2]+pooled", "max_token_length": "150",
                         "weighted_captions": "true"}
     other_bigg = tiny_clip_text_model(hidden_size=64, with_projection=True, seed=5)
-    assert text_encoders_fingerprint(pipe.text_encoder, other_bigg) != family.encoders_fingerprint
+    assert text_encoders_fingerprint(pipe.text_encoder, other_bigg) != components.text_encoders_fingerprint
 
 
 def test_vae_file_gets_the_sdxl_latent_scale(pipe, tmp_path):

@@ -113,11 +113,10 @@ def test_full_finetune_single_file_and_diffusers_folder_hold_the_trained_weights
     from diffusers import StableDiffusionXLPipeline
 
     pipe, folder, single = tiny_sdxl
-    family = get_family("sdxl")
-    args = parse_training_args(family, "full", argv(single, demo_image_root, tmp_path, "--max_train_steps", "2",
-                                                    "--train_text_encoder", "--learning_rate_te1", "0",
-                                                    "--learning_rate_te2", "5e-4"))
-    trainer = Trainer(family, "full", args)
+    family, args = parse_training_args(get_family("sdxl"), "full", argv(
+        single, demo_image_root, tmp_path, "--max_train_steps", "2", "--train_text_encoder", "--learning_rate_te1", "0",
+        "--learning_rate_te2", "5e-4"))
+    trainer = Trainer(family, args)
     trainer.train()
     trained = trainer.run.components
     loaded = StableDiffusionXLPipeline.from_single_file(str(tmp_path / "out.safetensors"), config=folder,

@@ -58,9 +58,8 @@ def test_disk_cache_is_reused_and_only_an_edited_caption_is_rebuilt(family, mode
 
 
 def cached_dataset(model, images, tmp_path, *extra):
-    family = get_family("sd")
-    args = parse_training_args(family, "network", argv(model, images, tmp_path / "out", "--cache_text_encoder_outputs",
-                                                       *extra))
+    family, args = parse_training_args(get_family("sd"), "network",
+                                       argv(model, images, tmp_path / "out", "--cache_text_encoder_outputs", *extra))
     components = family.load(args)
     dataset = TrainDataset.from_spec(load_dataset_group(args), seed=args.seed)
     te_cache.cache_dataset_text_encoder_outputs(dataset, family, args, components, "cpu")

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from library.errors import UserError
 from library.families.base import ModelComponents
-from library.families.flux import FluxFamily, FluxLoraSettings
+from library.families.flux import FluxFamily, FluxLoraSettings, FluxSettings
 from tools.convert_lora import convert_lora
 from tools.merge_lora import merge_lora
 
@@ -23,8 +23,7 @@ def flux(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("flux")
     files = save_tiny_flux_single_files(str(folder / "single"))
-    family = FluxFamily()
-    family.lora_settings = FluxLoraSettings({"train_t5xxl": "True"})
+    family = FluxFamily(FluxSettings(lora=FluxLoraSettings({"train_t5xxl": "True"})))
     parts = ModelComponents(denoiser=tiny_flux_transformer(), vae=None, noise_scheduler=None,
                             text_encoders=[tiny_clip_text_model(), tiny_t5_encoder()], tokenizers=[None, None])
     network = create_network(family.lora_targets(parts), network_dim=4, network_alpha=2)

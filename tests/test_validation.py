@@ -175,14 +175,13 @@ def test_training_logs_reproducible_validation_loss(tiny_sd15_folder, demo_image
     from library.families import get_family
     from library.training.trainer import Trainer
 
-    family = get_family("sd")
-    args = parse_training_args(family, "network", [
+    family, args = parse_training_args(get_family("sd"), "network", [
         "--pretrained_model_name_or_path", tiny_sd15_folder, "--train_data_dir", demo_image_root, "--resolution", "64",
         "--output_dir", str(tmp_path / "out"), "--output_name", "out", "--seed", "3", "--train_batch_size", "2",
         "--learning_rate", "1e-3", "--network_module", "networks.lora", "--network_dim", "4", "--max_train_steps", "3",
         "--validation_split", "0.34", "--validate_every_n_steps", "2", "--logging_dir", str(tmp_path / "logs"),
     ])
-    trainer = Trainer(family, "network", args)
+    trainer = Trainer(family, args)
     trainer.train()
     with safe_open(str(tmp_path / "out" / "out.safetensors"), "pt") as f:
         assert f.metadata()["ss_num_train_images"] == "4"  # 2 of the 6 images held out

@@ -34,7 +34,7 @@ def cache_latents(argv: list[str]):
                                      model_optional=True)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
                         help="VAE dtype while encoding (--no_half_vae keeps float32)")
-    args = parse_tool_args(family, parser, argv)
+    family, args = parse_tool_args(family, parser, argv)
 
     import torch
     from accelerate import PartialState

@@ -35,7 +35,7 @@ def cache_text_encoder_outputs(argv: list[str]):
     add_text_encoder_cache_arguments(parser)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
                         help="text-encoder dtype while encoding (use the training run's value)")
-    args = parse_tool_args(family, parser, argv)
+    family, args = parse_tool_args(family, parser, argv)
     args.cache_text_encoder_outputs_to_disk = True  # writing the files is what this tool is for
 
     from accelerate import PartialState

@@ -138,18 +138,21 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_training_args(family, mode: str, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_training_args(family, mode: str, argv: list[str] | None = None):
+    """Parse and validate a training run's flags; returns (the family configured with its validated
+    settings for this mode, the arguments)."""
     from library.config.config_file import parse_args_with_config_file
     from library.data.text_encoder_cache import validate_text_cache_args
+    from library.training.modes import MODE_KINDS
     from library.training.sampling import validate_sampling_args
     from library.training.validation import validate_validation_args
 
     if mode not in TRAINING_MODES:
         raise ValueError(f"unknown training mode {mode!r}")
+    kind = MODE_KINDS[mode]
     args = parse_args_with_config_file(build_parser(family, mode), argv)
     validate_general_args(args)
     validate_sampling_args(args)
     validate_validation_args(args)
-    validate_text_cache_args(args)
-    family.validate_args(args)
-    return args
+    validate_text_cache_args(args, kind)
+    return family.configure(args, kind), args

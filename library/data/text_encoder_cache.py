@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from library.data.dataset import TrainDataset
     from library.data.image_entries import ImageEntry
+    from library.training.modes import ModeKind
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ def text_cache_requested(args: argparse.Namespace) -> bool:
                 or getattr(args, "cache_text_encoder_outputs_to_disk", False))
 
 
-def validate_text_cache_args(args: argparse.Namespace) -> None:
-    """Reject flag combinations where cached outputs would silently change what trains."""
+def validate_text_cache_args(args: argparse.Namespace, kind: "ModeKind") -> None:
+    """Reject flag combinations where cached outputs would silently change what trains (`kind`: the
+    training mode's kind, library/training/modes.py)."""
     variants = getattr(args, "text_encoder_cache_variants", None)
     if not text_cache_requested(args):
         for flag in ("text_encoder_cache_variants", "text_encoder_cache_dir"):
@@ -74,12 +76,9 @@ def validate_text_cache_args(args: argparse.Namespace) -> None:
         return
     if variants is not None and variants < 1:
         raise UserError(f"--text_encoder_cache_variants must be at least 1 (got {variants})")
-    trains_text_encoder = (getattr(args, "train_text_encoder", False)
-                           or (hasattr(args, "network_train_unet_only") and not args.network_train_unet_only))
-    if trains_text_encoder:
-        flag = "--network_train_unet_only" if hasattr(args, "network_train_unet_only") else "no --train_text_encoder"
+    if kind.trains_text_encoders(args):
         raise UserError("cached text-encoder outputs cannot train the text encoders: "
-                        f"use {flag}, or drop --cache_text_encoder_outputs")
+                        f"use {kind.text_encoder_off_switch}, or drop --cache_text_encoder_outputs")
 
 
 @dataclass
@@ -197,7 +196,7 @@ def cache_dataset_text_encoder_outputs(dataset: "TrainDataset", family, args: ar
     """Encode every caption variant (and the empty caption) once and hand the dataset a TextSource."""
     from tqdm.auto import tqdm
 
-    strategy = family.text_encoder_outputs_caching_strategy(args)
+    strategy = family.text_encoder_outputs_caching_strategy(args, components)
     if strategy is None:
         raise UserError(f"{family.display_name} does not support cached text-encoder outputs")
     count = _variant_count(dataset, args)

@@ -4,13 +4,21 @@ A family (SD 1.x, SDXL, FLUX, SD3, Lumina 2) owns everything that differs per mo
 how its components load and save, its four strategies, its noise scheme and training target, how
 its denoiser is called, and which modules LoRA targets under which file names. Generic code never
 branches on a family's name; when it would need to, add a method here.
+
+Three kinds of value keep a family free of hidden state: `FamilySettings` (the run's family flags,
+validated once by `settings_from_args` for a mode's `ModeKind`, frozen), `ModelComponents` (what
+`load` returned, with facts read from the checkpoint as typed fields) and `LoraFileLayout` (how
+LoRA files name layers, for the tools that work on files without a model). Block swap is written
+once in library/offload.py; a family only says which block lists swap (`block_swap_groups`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from library.training.modes import NETWORK, ModeKind
 
 if TYPE_CHECKING:
     import argparse
@@ -28,7 +36,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class ModelComponents:
-    """The loaded parts of one model. Lists hold one entry per text encoder, in file order."""
+    """The loaded parts of one model. Lists hold one entry per text encoder, in file order.
+
+    Facts learned from the checkpoint live here as typed fields (families subclass this for their
+    own, e.g. FLUX's `is_schnell`), never on the family object."""
 
     denoiser: Any  # UNet2DConditionModel / transformer
     vae: Any
@@ -36,7 +47,16 @@ class ModelComponents:
     tokenizers: list
     noise_scheduler: Any  # a diffusers scheduler holding the training noise schedule
     source: str = ""  # what --pretrained_model_name_or_path pointed at, for metadata
-    extra: dict = field(default_factory=dict)
+    text_encoders_fingerprint: str = ""  # names the loaded text encoders in text-encoder cache files
+
+
+@dataclass(frozen=True)
+class FamilySettings:
+    """A family's flags for one run, validated once by `ModelFamily.settings_from_args` (families
+    subclass this with their own fields). Frozen: nothing changes it after validation."""
+
+    kind: ModeKind = NETWORK  # the training mode's kind (LoRA or full fine-tune)
+    blocks_to_swap: int = 0  # --blocks_to_swap where the family has it (library/offload.py)
 
 
 @dataclass
@@ -91,13 +111,63 @@ class LoraModuleNames:
     comfy: str  # ComfyUI's generic name: "diffusion_model.input_blocks.1.1.proj_in"
 
 
+class LoraFileLayout:
+    """How one family's LoRA files name the layers they change, for the tools that work on files
+    without a model (tools/merge_lora.py, tools/convert_lora.py). Families subclass it in their
+    `*_lora_names.py` module; this base answers "not supported yet"."""
+
+    # text encoders that single-file models of this family keep in files of their own: component ->
+    # usual file name, in the order tools/merge_lora.py --text_encoders takes them; empty: in the checkpoint
+    separate_text_encoder_components: dict[str, str] = {}
+
+    def __init__(self, display_name: str) -> None:
+        self.display_name = display_name
+
+    def checkpoint_slices(self, shapes: dict, component: str) -> dict[str, list[LoraWeightSlice]]:
+        """Which kohya LoRA modules change which tensors of one checkpoint file (tools/merge_lora.py).
+
+        `shapes` maps the file's tensor names to shape-only stand-ins (`.shape`, `.ndim`); `component`
+        is "checkpoint" for a single-file model, else the diffusers subfolder ("unet", "text_encoder",
+        "transformer", ...). Tensors no LoRA can change are left out.
+        """
+        from library.errors import UserError
+
+        raise UserError(f"tools/merge_lora.py cannot merge into {self.display_name} checkpoints yet")
+
+    def module_names(self) -> list[LoraModuleNames]:
+        """Every layer a LoRA file of this family may name (at the largest released model size), in
+        each layout, so LoRA files convert between layouts without loading a model."""
+        from library.errors import UserError
+
+        raise UserError(f"tools/convert_lora.py cannot convert {self.display_name} LoRA files yet")
+
+    def fused_module_names(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """kohya name of each LoRA module on a linear the kohya/ComfyUI layouts fuse (BFL's qkv) ->
+        (its ComfyUI name, the diffusers module names it covers, in row order). Empty: none."""
+        return {}
+
+    def fused_row_sizes(self, kohya_name: str, down, up) -> list[int]:
+        """Rows of each member in a fused module's up weight (see fused_module_names)."""
+        raise NotImplementedError(f"{self.display_name} has no fused LoRA modules")
+
+
 class ModelFamily(ABC):
-    """One model family. Subclasses are stateless apart from what their constructor stores."""
+    """One model family. A family object never changes after construction: `get_family(name)` gives
+    one with default settings (enough for flags, LoRA targets and the file tools); `configure(args,
+    kind)` validates a run's flags once and returns a new object holding them as `settings`."""
 
     name: str  # "sd", "sdxl", "flux", "sd3", "lumina"
     display_name: str  # "Stable Diffusion 1.x/2.x", for --help and messages
     base_model_version: str  # ss_base_model_version written into LoRA metadata, e.g. "sd_v1"
-    modelspec_architecture: str  # modelspec.architecture prefix, e.g. "stable-diffusion-v1"
+    modelspec_name: str  # modelspec.architecture prefix, e.g. "stable-diffusion-v1"
+    settings_class: type = FamilySettings
+    network_arg_keys: tuple[str, ...] = ()  # --network_args keys the family reads (networks.lora sees the rest)
+    metadata_flags: tuple[str, ...] = ()  # family flags written into LoRA/model metadata as ss_<flag>
+
+    def __init__(self, settings: Optional[FamilySettings] = None) -> None:
+        self.settings = settings if settings is not None else self.settings_class()
+
+    # ---- flags and settings -------------------------------------------------------------------------
 
     def add_arguments(self, parser: "argparse.ArgumentParser") -> None:
         """Add this family's own flags (e.g. --v2, --clip_skip)."""
@@ -108,15 +178,16 @@ class ModelFamily(ABC):
 
         add_noise_arguments(parser)
 
-    def validate_args(self, args: "argparse.Namespace") -> None:
-        """Raise UserError for flags that have no effect for this family."""
+    def settings_from_args(self, args: "argparse.Namespace", kind: ModeKind) -> FamilySettings:
+        """Validate this family's flags for a run in mode `kind` (UserError for flags without effect);
+        reads args, never changes them."""
+        return self.settings_class(kind=kind)
 
-    def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
-        """Move the denoiser to the training device and dtype (block-swapping families keep some
-        blocks on the CPU here)."""
-        from library.devices import move_module
+    def configure(self, args: "argparse.Namespace", kind: ModeKind) -> "ModelFamily":
+        """A family object of the same class holding the settings validated from args."""
+        return type(self)(self.settings_from_args(args, kind))
 
-        move_module(components.denoiser, device, dtype)
+    # ---- loading and placing ------------------------------------------------------------------------
 
     @abstractmethod
     def load(self, args: "argparse.Namespace", with_vae: bool = True) -> ModelComponents:
@@ -124,6 +195,39 @@ class ModelFamily(ABC):
 
         with_vae=False (every latent is already in a valid cache file): the returned
         ModelComponents.vae is None and no VAE weights are read (--vae / --ae are not needed)."""
+
+    def load_vae(self, args: "argparse.Namespace"):
+        """Only the VAE, for tools/cache_latents.py (families override this to skip the other weights)."""
+        return self.load(args).vae
+
+    def place_denoiser(self, components: ModelComponents, device, dtype) -> None:
+        """Move the denoiser to the training device and dtype; with --blocks_to_swap the swapped blocks
+        stay in CPU memory (library/offload.py) and visit the device as they run."""
+        from library.devices import move_module
+
+        swap = self.settings.blocks_to_swap
+        if swap:
+            from library.offload import require_cuda
+
+            require_cuda(device)
+        move_module(components.denoiser, "cpu" if swap else device, dtype)
+        if swap:
+            self.start_block_swap(components.denoiser, device)
+
+    def block_swap_groups(self, denoiser, blocks_to_swap: int) -> list[tuple[str, Sequence, int]]:
+        """Which blocks --blocks_to_swap swaps: (name, block list, how many of it) per list of the
+        denoiser; UserError when the model cannot swap that many. Families with the flag override this."""
+        raise NotImplementedError(f"{self.display_name} has no block swap")
+
+    def start_block_swap(self, denoiser, device):
+        """Swap the family's blocks of a denoiser held in CPU memory, the rest of it moved to device."""
+        from library.offload import CudaTransferBackend, place_with_block_swap
+
+        groups = self.block_swap_groups(denoiser, self.settings.blocks_to_swap)
+        return place_with_block_swap(denoiser, groups, CudaTransferBackend(device),
+                                     trains_weights=self.settings.kind.is_full_fine_tune)
+
+    # ---- strategies ---------------------------------------------------------------------------------
 
     @abstractmethod
     def tokenize_strategy(self, args, components: ModelComponents) -> "TokenizeStrategy": ...
@@ -134,16 +238,20 @@ class ModelFamily(ABC):
     @abstractmethod
     def latents_caching_strategy(self, args) -> "LatentsCachingStrategy": ...
 
-    def text_encoder_outputs_caching_strategy(self, args) -> Optional["TextEncoderOutputsCachingStrategy"]:
+    def text_encoder_outputs_caching_strategy(
+        self, args, components: ModelComponents
+    ) -> Optional["TextEncoderOutputsCachingStrategy"]:
         return None
+
+    # ---- training -----------------------------------------------------------------------------------
 
     @abstractmethod
     def noise_scheme(self, args, components: ModelComponents):
         """The library.training.noise.NoiseScheme that samples timesteps/noise and gives targets."""
 
-    def objective_metadata(self) -> dict[str, str]:
+    def objective_metadata(self, components: ModelComponents) -> dict[str, str]:
         """sd-scripts' ss_* keys for this family's objective settings (flow matching: timestep sampling,
-        prediction type, ...), after validate_args; written into every saved file."""
+        prediction type, ...) and the loaded model; written into every saved file."""
         return {}
 
     @abstractmethod
@@ -158,13 +266,30 @@ class ModelFamily(ABC):
     def lora_targets(self, components: ModelComponents) -> list[LoraTarget]:
         """Every part LoRA may attach to (denoiser first, then each text encoder)."""
 
+    # ---- saving -------------------------------------------------------------------------------------
+
+    def modelspec_architecture(self, components: ModelComponents) -> str:
+        """modelspec.architecture of the loaded model (FLUX tells dev from schnell by its weights)."""
+        return self.modelspec_name
+
+    @abstractmethod
+    def save_full_model(
+        self, components: ModelComponents, path: str, save_as: str, dtype: "torch.dtype", metadata: dict
+    ) -> None:
+        """Write a full fine-tune: save_as "safetensors" (single file) or "diffusers" (folder)."""
+
+    def lora_file_layout(self) -> LoraFileLayout:
+        """How this family's LoRA files name layers (for the tools that work on files alone)."""
+        return LoraFileLayout(self.display_name)
+
+    # ---- sample images during training (library/training/sampling.py) -----------------------------
+
+    sample_size_multiple = 64  # sample widths/heights are rounded down to this (latent stride of the denoiser)
+    sample_default_steps = 30  # sd-scripts' default when a prompt has no --s
+
     @abstractmethod
     def build_pipeline(self, components: ModelComponents, scheduler=None):
         """A diffusers pipeline over the in-memory components (no second copy), for sampling."""
-
-    # ---- sample images during training (library/training/sampling.py) -----------------------------
-    sample_size_multiple = 64  # sample widths/heights are rounded down to this (latent stride of the denoiser)
-    sample_default_steps = 30  # sd-scripts' default when a prompt has no --s
 
     def sampling_scheduler(self, components: ModelComponents, sampler: str):
         """The diffusers scheduler for sd-scripts' sampler name (--sample_sampler / --ss); DDPM-trained
@@ -173,7 +298,7 @@ class ModelFamily(ABC):
 
         return ddpm_sampling_scheduler(components.noise_scheduler, sampler)
 
-    def sample_pipeline_kwargs(self, prompt, args) -> dict:
+    def sample_pipeline_kwargs(self, prompt, args, components: ModelComponents) -> dict:
         """Pipeline call arguments of one SamplePrompt besides prompt, size, steps and generator:
         here classifier-free guidance (--l, default 7.5 as in sd-scripts) and the negative prompt."""
         kwargs = {"guidance_scale": 7.5 if prompt.scale is None else prompt.scale}
@@ -181,55 +306,6 @@ class ModelFamily(ABC):
             kwargs["negative_prompt"] = prompt.negative_prompt
         return kwargs
 
-    def unused_sample_options(self, prompt) -> list[str]:
+    def unused_sample_options(self, prompt, components: ModelComponents) -> list[str]:
         """Prompt-file options (e.g. "--g") that this family's sampling ignores, for a warning."""
         return ["--g"] if prompt.guidance_scale is not None else []
-
-    def sampling_mode(self, components: ModelComponents):
-        """Context manager around sampling (block-swapping families switch to forward-only swaps)."""
-        from contextlib import nullcontext
-
-        return nullcontext()
-
-    @abstractmethod
-    def save_full_model(
-        self, components: ModelComponents, path: str, save_as: str, dtype: "torch.dtype", metadata: dict
-    ) -> None:
-        """Write a full fine-tune: save_as "safetensors" (single file) or "diffusers" (folder)."""
-
-    # ---- the stand-alone tools (tools/*.py) ---------------------------------------------------------
-
-    # text encoders that single-file models of this family keep in files of their own: component ->
-    # usual file name, in the order tools/merge_lora.py --text_encoders takes them; empty: in the checkpoint
-    separate_text_encoder_components: dict[str, str] = {}
-
-    def load_vae(self, args: "argparse.Namespace"):
-        """Only the VAE, for tools/cache_latents.py (families override this to skip the other weights)."""
-        return self.load(args).vae
-
-    def checkpoint_lora_slices(self, shapes: dict, component: str) -> dict[str, list[LoraWeightSlice]]:
-        """Which kohya LoRA modules change which tensors of one checkpoint file (tools/merge_lora.py).
-
-        `shapes` maps the file's tensor names to shape-only stand-ins (`.shape`, `.ndim`); `component`
-        is "checkpoint" for a single-file model, else the diffusers subfolder ("unet", "text_encoder",
-        "transformer", ...). Tensors no LoRA can change are left out.
-        """
-        from library.errors import UserError
-
-        raise UserError(f"tools/merge_lora.py cannot merge into {self.display_name} checkpoints yet")
-
-    def lora_module_names(self) -> list[LoraModuleNames]:
-        """Every layer a LoRA file of this family may name (at the largest released model size), in
-        each layout, so LoRA files convert between layouts without loading a model."""
-        from library.errors import UserError
-
-        raise UserError(f"tools/convert_lora.py cannot convert {self.display_name} LoRA files yet")
-
-    def fused_lora_module_names(self) -> dict[str, tuple[str, tuple[str, ...]]]:
-        """kohya name of each LoRA module on a linear the kohya/ComfyUI layouts fuse (BFL's qkv) ->
-        (its ComfyUI name, the diffusers module names it covers, in row order). Empty: none."""
-        return {}
-
-    def fused_lora_row_sizes(self, kohya_name: str, down, up) -> list[int]:
-        """Rows of each member in a fused module's up weight (see fused_lora_module_names)."""
-        raise NotImplementedError(f"{self.display_name} has no fused LoRA modules")

@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from library.errors import UserError
-from library.families.base import LoraTarget, ModelComponents, ModelFamily
+from library.families.base import FamilySettings, LoraTarget, ModelComponents, ModelFamily
 from library.families.flux_text import (
     FluxLatentsCachingStrategy,
     FluxTextEncoderOutputsCachingStrategy,
@@ -76,19 +77,12 @@ def image_position_ids(height: int, width: int, device, dtype):
 
 # ---- family --network_args --------------------------------------------------------------------------
 
-def split_family_network_args(args: argparse.Namespace) -> dict[str, str]:
-    """Move FLUX's own --network_args keys out of args.network_args (networks.lora sees the rest) into
-    args.flux_network_args; idempotent, so load() may validate again."""
+def family_network_args(args: argparse.Namespace) -> dict[str, str]:
+    """FLUX's own --network_args keys (networks.lora is given the rest, see ModelFamily.network_arg_keys)."""
     from networks.network_arguments import parse_network_args
 
-    family = dict(getattr(args, "flux_network_args", {}) or {})
-    entries = getattr(args, "network_args", None)
-    if entries:
-        parsed = parse_network_args(entries)
-        family.update({k: v for k, v in parsed.items() if k in FAMILY_NETWORK_ARGS})
-        args.network_args = [f"{k}={v}" for k, v in parsed.items() if k not in FAMILY_NETWORK_ARGS]
-    args.flux_network_args = family
-    return family
+    parsed = parse_network_args(getattr(args, "network_args", None))
+    return {k: v for k, v in parsed.items() if k in FAMILY_NETWORK_ARGS}
 
 
 def _parse_selection(key: str, text: str) -> Optional[set]:
@@ -155,20 +149,22 @@ def flux_swap_split(blocks_to_swap: int, num_double: int, num_single: int) -> tu
     return double, single
 
 
-def enable_block_swap(transformer, blocks_to_swap: int, backend, trains_weights: bool = False,
-                      record_events: bool = False):
-    """Swap blocks of a FLUX transformer whose other parts are already on backend.device."""
-    from library.offload import BlockSwapper
+@dataclass(frozen=True)
+class FluxSettings(FamilySettings):
+    """FLUX's flags for one run, validated."""
 
-    double, single = flux_swap_split(blocks_to_swap, len(transformer.transformer_blocks),
-                                     len(transformer.single_transformer_blocks))
-    groups = [("double", transformer.transformer_blocks, double),
-              ("single", transformer.single_transformer_blocks, single)]
-    swapper = BlockSwapper(transformer, groups, backend, trains_weights=trains_weights, record_events=record_events)
-    logger.info("block swap: %d of %d double and %d of %d single blocks stay in CPU memory (%.2f GB less VRAM)",
-                double, len(transformer.transformer_blocks), single, len(transformer.single_transformer_blocks),
-                swapper.swapped_bytes() / 1e9)
-    return swapper
+    flow_options: Any = None  # library.training.flow_matching.FlowMatchingOptions
+    apply_t5_attn_mask: bool = False
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    t5xxl_max_token_length: Optional[int] = None  # None: 512 for dev, 256 for schnell
+    fp8: bool = False  # --fp8_base / --fp8_base_unet
+    save_lora_format: str = "kohya"
+    lora: FluxLoraSettings = field(default_factory=lambda: FluxLoraSettings({}))
+
+
+@dataclass
+class FluxComponents(ModelComponents):
+    is_schnell: bool = False  # the transformer has no guidance input (schnell, not dev)
 
 
 class FluxFamily(ModelFamily):
@@ -177,25 +173,18 @@ class FluxFamily(ModelFamily):
     name = "flux"
     display_name = "FLUX.1"
     base_model_version = "flux1"
+    metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
+    settings_class = FluxSettings
+    network_arg_keys = FAMILY_NETWORK_ARGS
 
-    def __init__(self) -> None:
-        self.is_schnell = False
-        self.flow_options = None
-        self.lora_settings = FluxLoraSettings({})
-        self.encoders_fingerprint = ""
-        self.block_swapper = None
-        # what the run asked for; set from the arguments by validate_args
-        self.apply_t5_attn_mask = False
-        self.guidance_scale = DEFAULT_GUIDANCE_SCALE
-        self.save_lora_format = "kohya"
-
-    @property
-    def modelspec_architecture(self) -> str:
-        return "flux-1-schnell" if self.is_schnell else "flux-1-dev"
+    def modelspec_architecture(self, components: FluxComponents) -> str:
+        return "flux-1-schnell" if components.is_schnell else "flux-1-dev"
 
     # ---- arguments ----------------------------------------------------------------------------------
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from library.offload import add_blocks_to_swap_argument
+
         group = parser.add_argument_group("FLUX.1 model")
         group.add_argument("--pretrained_model_name_or_path", required=True,
                            help="FLUX.1 transformer file (flux1-dev.safetensors, BFL layout, bf16/fp16/fp8) or a "
@@ -216,8 +205,7 @@ class FluxFamily(ModelFamily):
                            help="store the frozen transformer in float8_e4m3fn, compute in the mixed-precision dtype")
         group.add_argument("--fp8_base_unet", action="store_true",
                            help="the same as --fp8_base here (the text encoders are never stored in fp8)")
-        group.add_argument("--blocks_to_swap", type=int, default=None,
-                           help="keep this many transformer blocks in CPU memory, moving them to the GPU when needed")
+        add_blocks_to_swap_argument(group, "transformer blocks")
         group.add_argument("--save_lora_format", choices=("kohya", "diffusers"), default="kohya",
                            help="LoRA file keys: kohya (BFL names, default; ComfyUI, sd-scripts, diffusers) or "
                                 "diffusers (PEFT keys)")
@@ -227,49 +215,53 @@ class FluxFamily(ModelFamily):
 
         add_flow_matching_arguments(parser, FLUX_OBJECTIVE)
 
-    def validate_args(self, args: argparse.Namespace) -> None:
+    def settings_from_args(self, args: argparse.Namespace, kind) -> FluxSettings:
         from library.training.flow_matching import FLUX_OBJECTIVE, FlowMatchingOptions, reject_ddpm_flags
 
         reject_ddpm_flags(args, self.display_name)
-        self.flow_options = FlowMatchingOptions.from_args(args, FLUX_OBJECTIVE)
-        self.apply_t5_attn_mask = bool(args.apply_t5_attn_mask)
-        self.guidance_scale = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
-        self.save_lora_format = args.save_lora_format
+        flow_options = FlowMatchingOptions.from_args(args, FLUX_OBJECTIVE)
         if args.t5xxl_max_token_length is not None and args.t5xxl_max_token_length < 1:
             raise UserError(f"--t5xxl_max_token_length must be at least 1 (got {args.t5xxl_max_token_length})")
-        self._validate_memory_flags(args)
-        if hasattr(args, "save_model_as"):  # only full fine-tune parsers have it
+        blocks_to_swap = self._validate_memory_flags(args, kind)
+        lora = FluxLoraSettings({})
+        if kind.is_full_fine_tune:
             if args.save_lora_format != "kohya":
                 raise UserError("--save_lora_format applies to LoRA training only")
         else:
-            self._validate_lora_flags(args)
+            lora = self._validate_lora_flags(args)
+        return FluxSettings(
+            kind=kind, blocks_to_swap=blocks_to_swap, flow_options=flow_options,
+            apply_t5_attn_mask=bool(args.apply_t5_attn_mask),
+            guidance_scale=DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale,
+            t5xxl_max_token_length=args.t5xxl_max_token_length, fp8=bool(args.fp8_base or args.fp8_base_unet),
+            save_lora_format=args.save_lora_format, lora=lora,
+        )
 
-    def _validate_memory_flags(self, args) -> None:
+    @staticmethod
+    def _validate_memory_flags(args, kind) -> int:
+        from library.offload import validated_blocks_to_swap
+
         fp8 = args.fp8_base or args.fp8_base_unet
-        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
-            raise UserError(f"--blocks_to_swap must be 0 or more (got {args.blocks_to_swap})")
-        if args.blocks_to_swap:
-            import torch
-
-            from library.offload import require_cuda
-
-            require_cuda("cuda" if torch.cuda.is_available() else "cpu")  # fail before loading the model
-        if fp8 and hasattr(args, "save_model_as"):
+        blocks_to_swap = validated_blocks_to_swap(args.blocks_to_swap)
+        if fp8 and kind.is_full_fine_tune:
             raise UserError("--fp8_base stores frozen weights in float8; it cannot be used when the transformer trains")
         if fp8 and not args.gradient_checkpointing:
             logger.warning("--fp8_base without --gradient_checkpointing: backward keeps full-precision copies of "
                            "the weights it needs, so fp8 storage saves little memory")
+        return blocks_to_swap
 
-    def _validate_lora_flags(self, args) -> None:
-        self.lora_settings = FluxLoraSettings(split_family_network_args(args))
-        if self.lora_settings.train_t5xxl and args.network_train_unet_only:
+    @staticmethod
+    def _validate_lora_flags(args) -> FluxLoraSettings:
+        lora = FluxLoraSettings(family_network_args(args))
+        if lora.train_t5xxl and args.network_train_unet_only:
             raise UserError("--network_args train_t5xxl=True trains a text encoder; drop --network_train_unet_only")
-        if self.lora_settings.train_t5xxl and args.save_lora_format == "diffusers":
+        if lora.train_t5xxl and args.save_lora_format == "diffusers":
             raise UserError("--save_lora_format diffusers cannot hold T5 LoRA modules (diffusers' FluxPipeline "
                             "loads LoRA into the transformer and CLIP only); drop train_t5xxl or save kohya files")
+        return lora
 
-    def t5_max_length(self, args) -> int:
-        return args.t5xxl_max_token_length or (256 if self.is_schnell else 512)
+    def t5_max_length(self, components: FluxComponents) -> int:
+        return self.settings.t5xxl_max_token_length or (256 if components.is_schnell else 512)
 
     # ---- loading ------------------------------------------------------------------------------------
 
@@ -278,51 +270,47 @@ class FluxFamily(ModelFamily):
         from library.models.flux_checkpoint import flux_sampling_scheduler
         from library.devices import torch_dtype
 
-        self.validate_args(args)
         models = load_flux_models(args.pretrained_model_name_or_path, args.clip_l, args.t5xxl, args.ae,
                                   args.t5_tokenizer, dtype=torch_dtype(args.mixed_precision),
-                                  keep_fp8=args.fp8_base or args.fp8_base_unet, with_vae=with_vae)
-        self.is_schnell = models.is_schnell
-        if self.is_schnell and args.guidance_scale is not None:
+                                  keep_fp8=self.settings.fp8, with_vae=with_vae)
+        if models.is_schnell and args.guidance_scale is not None:
             raise UserError("--guidance_scale has no effect: this is a FLUX.1 schnell model (no guidance input)")
-        self.encoders_fingerprint = text_encoders_fingerprint(models.clip_l, models.t5xxl)
-        logger.info("FLUX.1 %s, T5 length %d", "schnell" if self.is_schnell else "dev", self.t5_max_length(args))
-        return ModelComponents(
+        components = FluxComponents(
             denoiser=models.transformer, vae=models.vae, text_encoders=[models.clip_l, models.t5xxl],
             tokenizers=[models.clip_tokenizer, models.t5_tokenizer], noise_scheduler=flux_sampling_scheduler(),
-            source=args.pretrained_model_name_or_path,
+            source=args.pretrained_model_name_or_path, is_schnell=models.is_schnell,
+            text_encoders_fingerprint=text_encoders_fingerprint(models.clip_l, models.t5xxl),
         )
+        logger.info("FLUX.1 %s, T5 length %d", "schnell" if models.is_schnell else "dev", self.t5_max_length(components))
+        return components
 
-    def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
-        """fp8 storage (layerwise casting) and/or block swap, else a plain move to device and dtype."""
-        from library.offload import CudaTransferBackend, require_cuda
-        from library.devices import move_module
+    def place_denoiser(self, components: ModelComponents, device, dtype) -> None:
+        """With --fp8_base the transformer's Linear weights are stored in fp8 (layerwise casting) and the
+        blocks may swap; without it as every family (ModelFamily.place_denoiser)."""
+        if not self.settings.fp8:
+            super().place_denoiser(components, device, dtype)
+            return
+        from library.offload import require_cuda
 
-        transformer = components.denoiser
-        fp8, swap = args.fp8_base or args.fp8_base_unet, bool(args.blocks_to_swap)
-        if swap:
+        if self.settings.blocks_to_swap:
             require_cuda(device)
-        if not fp8 and not swap:
-            move_module(transformer, device, dtype)
-            return
-        if fp8:
-            store_in_fp8(transformer, dtype)
+        store_in_fp8(components.denoiser, dtype)
+        if self.settings.blocks_to_swap:
+            self.start_block_swap(components.denoiser, device)
         else:
-            move_module(transformer, "cpu", dtype)
-        if not swap:
-            transformer.to(device)
-            return
-        swapped = (transformer.transformer_blocks, transformer.single_transformer_blocks)
-        for child in transformer.children():
-            if not any(child is blocks for blocks in swapped):
-                child.to(device)
-        self.block_swapper = enable_block_swap(transformer, args.blocks_to_swap, CudaTransferBackend(device),
-                                               trains_weights=hasattr(args, "save_model_as"))
+            components.denoiser.to(device)
+
+    def block_swap_groups(self, transformer, blocks_to_swap: int):
+        """sd-scripts' split of --blocks_to_swap over the double and single blocks (flux_swap_split)."""
+        double, single = flux_swap_split(blocks_to_swap, len(transformer.transformer_blocks),
+                                         len(transformer.single_transformer_blocks))
+        return [("double", transformer.transformer_blocks, double),
+                ("single", transformer.single_transformer_blocks, single)]
 
     # ---- strategies ---------------------------------------------------------------------------------
 
     def tokenize_strategy(self, args, components: ModelComponents) -> FluxTokenizeStrategy:
-        return FluxTokenizeStrategy(components.tokenizers[0], components.tokenizers[1], self.t5_max_length(args))
+        return FluxTokenizeStrategy(components.tokenizers[0], components.tokenizers[1], self.t5_max_length(components))
 
     def text_encoding_strategy(self, args) -> FluxTextEncodingStrategy:
         return FluxTextEncodingStrategy(args.apply_t5_attn_mask)
@@ -330,9 +318,9 @@ class FluxFamily(ModelFamily):
     def latents_caching_strategy(self, args) -> FluxLatentsCachingStrategy:
         return FluxLatentsCachingStrategy()
 
-    def text_encoder_outputs_caching_strategy(self, args) -> FluxTextEncoderOutputsCachingStrategy:
-        fingerprint = self.encoders_fingerprint or str(args.pretrained_model_name_or_path)
-        return FluxTextEncoderOutputsCachingStrategy(fingerprint, self.t5_max_length(args), args.apply_t5_attn_mask)
+    def text_encoder_outputs_caching_strategy(self, args, components: FluxComponents):
+        return FluxTextEncoderOutputsCachingStrategy(components.text_encoders_fingerprint,
+                                                     self.t5_max_length(components), args.apply_t5_attn_mask)
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -340,12 +328,13 @@ class FluxFamily(ModelFamily):
         from library.training.flow_matching import FLUX_OBJECTIVE, FlowMatchingNoiseScheme, FlowMatchingOptions
 
         # FLUX takes sigma (diffusers scales it by 1000 inside) and predicts the velocity noise - latents
-        return FlowMatchingNoiseScheme(self.flow_options or FlowMatchingOptions.from_args(args, FLUX_OBJECTIVE))
+        return FlowMatchingNoiseScheme(self.settings.flow_options or FlowMatchingOptions.from_args(args, FLUX_OBJECTIVE))
 
-    def objective_metadata(self) -> dict[str, str]:
-        metadata = {**self.flow_options.metadata(), "ss_apply_t5_attn_mask": str(self.apply_t5_attn_mask)}
-        if not self.is_schnell:
-            metadata["ss_guidance_scale"] = str(self.guidance_scale)
+    def objective_metadata(self, components: FluxComponents) -> dict[str, str]:
+        settings = self.settings
+        metadata = {**settings.flow_options.metadata(), "ss_apply_t5_attn_mask": str(settings.apply_t5_attn_mask)}
+        if not components.is_schnell:
+            metadata["ss_guidance_scale"] = str(settings.guidance_scale)
         return metadata
 
     def predict(self, components: ModelComponents, noisy_latents, timesteps, conditioning, batch: dict):
@@ -357,9 +346,9 @@ class FluxFamily(ModelFamily):
         t5_states = conditioning["t5_hidden_states"].to(device, dtype)
         guidance = None
         if transformer.config.guidance_embeds:
-            guidance = torch.full((batch_size,), float(self.guidance_scale), device=device, dtype=torch.float32)
+            guidance = torch.full((batch_size,), float(self.settings.guidance_scale), device=device, dtype=torch.float32)
         attention = None
-        if self.apply_t5_attn_mask:
+        if self.settings.apply_t5_attn_mask:
             attention = {"attention_mask": joint_attention_mask(conditioning["t5_attention_mask"], height, width, device)}
         output = transformer(
             hidden_states=pack_latents(noisy_latents), encoder_hidden_states=t5_states,
@@ -375,10 +364,10 @@ class FluxFamily(ModelFamily):
     def lora_targets(self, components: ModelComponents) -> list[LoraTarget]:
         from library.models.flux_checkpoint import diffusers_to_bfl_module
 
-        transformer, settings = components.denoiser, self.lora_settings
+        transformer, settings = components.denoiser, self.settings.lora
         settings.check_block_counts({"double_blocks": len(transformer.transformer_blocks),
                                      "single_blocks": len(transformer.single_transformer_blocks)})
-        save_format = self.save_lora_format
+        save_format = self.settings.save_lora_format
         fused = {DOUBLE_BLOCK: (("attn.to_q", "attn.to_k", "attn.to_v"),
                                 ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
                  SINGLE_BLOCK: (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),)}
@@ -422,19 +411,19 @@ class FluxFamily(ModelFamily):
 
         return flux_sampling_scheduler()
 
-    def sample_pipeline_kwargs(self, prompt, args) -> dict:
+    def sample_pipeline_kwargs(self, prompt, args, components: FluxComponents) -> dict:
         """--g embedded guidance (dev, default --guidance_scale); --l true CFG with a --n negative prompt."""
-        kwargs = {"max_sequence_length": self.t5_max_length(args),
-                  "guidance_scale": self.guidance_scale if prompt.guidance_scale is None else prompt.guidance_scale}
+        guidance = self.settings.guidance_scale if prompt.guidance_scale is None else prompt.guidance_scale
+        kwargs = {"max_sequence_length": self.t5_max_length(components), "guidance_scale": guidance}
         if prompt.negative_prompt:
             kwargs.update(negative_prompt=prompt.negative_prompt, true_cfg_scale=prompt.scale or 1.0)
         return kwargs
 
-    def unused_sample_options(self, prompt) -> list[str]:
+    def unused_sample_options(self, prompt, components: FluxComponents) -> list[str]:
         unused = ["--ss"] if prompt.sample_sampler else []
         if prompt.scale is not None and not prompt.negative_prompt:
             unused.append("--l")  # true CFG needs a negative prompt
-        if prompt.guidance_scale is not None and self.is_schnell:
+        if prompt.guidance_scale is not None and components.is_schnell:
             unused.append("--g")
         return unused
 
@@ -452,29 +441,10 @@ class FluxFamily(ModelFamily):
             raise UserError(f"--save_model_as {save_as}: FLUX.1 transformers are saved as one BFL-layout .safetensors")
         save_flux_transformer_bfl(components.denoiser, path, dtype, {k: str(v) for k, v in metadata.items()})
 
-    # ---- LoRA files in the tools (library/families/flux_lora_names.py) ------------------------------
+    def lora_file_layout(self):
+        from library.families.flux_lora_names import FluxLoraFileLayout
 
-    separate_text_encoder_components = {"text_encoder": "clip_l.safetensors", "text_encoder_2": "t5xxl_fp16.safetensors"}
-
-    def checkpoint_lora_slices(self, shapes: dict, component: str):
-        from library.families.flux_lora_names import flux_checkpoint_lora_slices
-
-        return flux_checkpoint_lora_slices(shapes, component)
-
-    def lora_module_names(self):
-        from library.families.flux_lora_names import flux_lora_module_names
-
-        return list(flux_lora_module_names())
-
-    def fused_lora_module_names(self):
-        from library.families.flux_lora_names import flux_fused_lora_module_names
-
-        return flux_fused_lora_module_names()
-
-    def fused_lora_row_sizes(self, kohya_name: str, down, up) -> list[int]:
-        from library.families.flux_lora_names import flux_fused_row_sizes
-
-        return flux_fused_row_sizes(kohya_name, down, up)
+        return FluxLoraFileLayout(self.display_name)
 
 
 def joint_attention_mask(t5_mask, height: int, width: int, device):

@@ -4,7 +4,7 @@ sd-scripts (and ComfyUI) name FLUX LoRA modules after BFL's linears (`lora_unet_
 `..._single_blocks_0_linear1`), which are the tensors of BFL files, so those merge one to one. BFL
 fuses q, k, v (and in single blocks the MLP input) into one linear where diffusers keeps separate
 layers: in the diffusers layout such a module becomes its members with a shared down and the up's
-rows split (`fused_lora_module_names`, `fused_lora_row_sizes`), and merged into a diffusers folder
+rows split (`fused_module_names`, `fused_row_sizes`), and merged into a diffusers folder
 each member tensor takes its rows of the up (`up_rows`). CLIP-L modules are `lora_te1_*`, T5-XXL's
 `lora_te3_*` (sd-scripts' names); their separate files (clip_l.safetensors, t5xxl_fp16.safetensors)
 hold transformers' names. BFL's `final_layer.adaLN_modulation.1` stores diffusers' `norm_out.linear`
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from library.families.base import LoraModuleNames, LoraWeightSlice
+from library.families.base import LoraFileLayout, LoraModuleNames, LoraWeightSlice
 from library.families.sd_lora_names import weight_layers, weight_modules
 from library.models import flux_checkpoint as ckpt
 
@@ -155,3 +155,19 @@ def flux_checkpoint_lora_slices(shapes: dict, component: str) -> dict[str, list[
         return {m + ".weight": [LoraWeightSlice("lora_te3_" + _flat(m))] for m in weight_modules(shapes)
                 if m.startswith("encoder.")}
     return {}
+
+
+class FluxLoraFileLayout(LoraFileLayout):
+    separate_text_encoder_components = {"text_encoder": "clip_l.safetensors", "text_encoder_2": "t5xxl_fp16.safetensors"}
+
+    def checkpoint_slices(self, shapes: dict, component: str):
+        return flux_checkpoint_lora_slices(shapes, component)
+
+    def module_names(self):
+        return list(flux_lora_module_names())
+
+    def fused_module_names(self):
+        return flux_fused_lora_module_names()
+
+    def fused_row_sizes(self, kohya_name: str, down, up) -> list[int]:
+        return flux_fused_row_sizes(kohya_name, down, up)

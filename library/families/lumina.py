@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from library.errors import UserError
-from library.families.base import LoraModuleNames, LoraTarget, ModelComponents, ModelFamily
+from library.families.base import FamilySettings, LoraFileLayout, LoraModuleNames, LoraTarget, ModelComponents, ModelFamily
 from library.families.lumina_text import (
     DEFAULT_MAX_TOKEN_LENGTH,
     DEFAULT_SYSTEM_PROMPT,
@@ -43,17 +45,12 @@ QKV_MEMBERS = ("attn.to_q", "attn.to_k", "attn.to_v")
 RELEASED_SIZES = {"layers": 26, "noise_refiner": 2, "context_refiner": 2}
 
 
-def enable_block_swap(transformer, blocks_to_swap: int, backend, trains_weights: bool = False,
-                      record_events: bool = False):
-    """Swap `blocks_to_swap` of the transformer's main layers (the refiners stay on the device)."""
-    from library.offload import BlockSwapper, check_blocks_to_swap
+@dataclass(frozen=True)
+class LuminaSettings(FamilySettings):
+    """Lumina 2's flags for one run, validated."""
 
-    check_blocks_to_swap(blocks_to_swap, len(transformer.layers), "Lumina 2 layers")
-    swapper = BlockSwapper(transformer, [("layers", transformer.layers, blocks_to_swap)], backend,
-                           trains_weights=trains_weights, record_events=record_events)
-    logger.info("block swap: %d of %d layers stay in CPU memory (%.2f GB less VRAM)", blocks_to_swap,
-                len(transformer.layers), swapper.swapped_bytes() / 1e9)
-    return swapper
+    flow_options: Any = None  # library.training.flow_matching.FlowMatchingOptions
+    save_lora_format: str = "kohya"
 
 
 class LuminaFamily(ModelFamily):
@@ -62,19 +59,17 @@ class LuminaFamily(ModelFamily):
     name = "lumina"
     display_name = "Lumina Image 2.0"
     base_model_version = "lumina2"
-    modelspec_architecture = "lumina-2"
+    metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
+    modelspec_name = "lumina-2"
     sample_size_multiple = 16  # 8 pixels per latent cell, 2x2 cells per token
     sample_default_steps = 30
-
-    def __init__(self) -> None:
-        self.encoder_fingerprint = ""
-        self.block_swapper = None
-        self.save_lora_format = "kohya"
-        self.flow_options = None
+    settings_class = LuminaSettings
 
     # ---- arguments ----------------------------------------------------------------------------------
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from library.offload import add_blocks_to_swap_argument
+
         group = parser.add_argument_group("Lumina Image 2.0 model")
         group.add_argument("--pretrained_model_name_or_path", required=True,
                            help="Lumina 2 transformer file (original / ComfyUI layout) or a diffusers Lumina2Pipeline folder")
@@ -88,8 +83,7 @@ class LuminaFamily(ModelFamily):
         group.add_argument("--system_prompt", default=None,
                            help="text put before every caption with ' <Prompt Start> ' (default: Lumina 2's own; "
                                 "'' for none)")
-        group.add_argument("--blocks_to_swap", type=int, default=None,
-                           help="keep this many transformer layers in CPU memory, moving them to the GPU when needed")
+        add_blocks_to_swap_argument(group, "transformer layers")
         group.add_argument("--save_lora_format", choices=("kohya", "diffusers"), default="kohya",
                            help="LoRA file keys: kohya (original names; sd-scripts, ComfyUI) or diffusers (PEFT keys, "
                                 "what diffusers' Lumina2Pipeline loads)")
@@ -99,23 +93,16 @@ class LuminaFamily(ModelFamily):
 
         add_flow_matching_arguments(parser, LUMINA_OBJECTIVE)
 
-    def validate_args(self, args: argparse.Namespace) -> None:
+    def settings_from_args(self, args: argparse.Namespace, kind) -> LuminaSettings:
+        from library.offload import validated_blocks_to_swap
         from library.training.flow_matching import LUMINA_OBJECTIVE, FlowMatchingOptions, reject_ddpm_flags
 
         reject_ddpm_flags(args, self.display_name)
-        self.flow_options = FlowMatchingOptions.from_args(args, LUMINA_OBJECTIVE)
+        flow_options = FlowMatchingOptions.from_args(args, LUMINA_OBJECTIVE)
         if args.gemma2_max_token_length is not None and args.gemma2_max_token_length < 1:
             raise UserError(f"--gemma2_max_token_length must be at least 1 (got {args.gemma2_max_token_length})")
-        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
-            raise UserError(f"--blocks_to_swap must be 0 or more (got {args.blocks_to_swap})")
-        if args.blocks_to_swap:
-            import torch
-
-            from library.offload import require_cuda
-
-            require_cuda("cuda" if torch.cuda.is_available() else "cpu")  # fail before loading the model
-        self.save_lora_format = args.save_lora_format
-        full = hasattr(args, "save_model_as")  # only full fine-tune parsers have it
+        blocks_to_swap = validated_blocks_to_swap(args.blocks_to_swap)
+        full = kind.is_full_fine_tune
         if full and args.save_lora_format != "kohya":
             raise UserError("--save_lora_format applies to LoRA training only")
         if full and args.train_text_encoder:
@@ -124,6 +111,8 @@ class LuminaFamily(ModelFamily):
         if not full and args.save_lora_format == "diffusers" and not args.network_train_unet_only:
             raise UserError("--save_lora_format diffusers cannot hold Gemma-2 LoRA modules (diffusers' Lumina2Pipeline "
                             "loads LoRA into the transformer only); add --network_train_unet_only or save kohya files")
+        return LuminaSettings(kind=kind, blocks_to_swap=blocks_to_swap, flow_options=flow_options,
+                              save_lora_format=args.save_lora_format)
 
     def max_length(self, args) -> int:
         return args.gemma2_max_token_length or DEFAULT_MAX_TOKEN_LENGTH
@@ -138,13 +127,12 @@ class LuminaFamily(ModelFamily):
         from library.models.lumina_checkpoint import load_lumina_models, lumina_sampling_scheduler
         from library.devices import torch_dtype
 
-        self.validate_args(args)
         models = load_lumina_models(args.pretrained_model_name_or_path, args.gemma2, args.ae, args.gemma2_tokenizer,
                                     dtype=torch_dtype(args.mixed_precision), with_vae=with_vae)
-        self.encoder_fingerprint = gemma2_fingerprint(models.gemma2)
         return ModelComponents(
             denoiser=models.transformer, vae=models.vae, text_encoders=[models.gemma2], tokenizers=[models.tokenizer],
             noise_scheduler=lumina_sampling_scheduler(), source=args.pretrained_model_name_or_path,
+            text_encoders_fingerprint=gemma2_fingerprint(models.gemma2),
         )
 
     def load_vae(self, args: argparse.Namespace):
@@ -152,21 +140,12 @@ class LuminaFamily(ModelFamily):
 
         return load_flux_ae(args.ae) if args.ae else self.load(args).vae
 
-    def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
-        from library.offload import CudaTransferBackend, require_cuda
-        from library.devices import move_module
+    def block_swap_groups(self, transformer, blocks_to_swap: int):
+        """The main `layers` (the refiners stay on the device)."""
+        from library.offload import check_blocks_to_swap
 
-        transformer = components.denoiser
-        if not args.blocks_to_swap:
-            move_module(transformer, device, dtype)
-            return
-        require_cuda(device)
-        move_module(transformer, "cpu", dtype)
-        for child in transformer.children():
-            if child is not transformer.layers:
-                child.to(device)
-        self.block_swapper = enable_block_swap(transformer, args.blocks_to_swap, CudaTransferBackend(device),
-                                               trains_weights=hasattr(args, "save_model_as"))
+        check_blocks_to_swap(blocks_to_swap, len(transformer.layers), "Lumina 2 layers")
+        return [("layers", transformer.layers, blocks_to_swap)]
 
     # ---- strategies ---------------------------------------------------------------------------------
 
@@ -179,9 +158,9 @@ class LuminaFamily(ModelFamily):
     def latents_caching_strategy(self, args) -> LuminaLatentsCachingStrategy:
         return LuminaLatentsCachingStrategy()
 
-    def text_encoder_outputs_caching_strategy(self, args) -> LuminaTextEncoderOutputsCachingStrategy:
-        fingerprint = self.encoder_fingerprint or str(args.pretrained_model_name_or_path)
-        return LuminaTextEncoderOutputsCachingStrategy(fingerprint, self.max_length(args), self.system_prompt(args))
+    def text_encoder_outputs_caching_strategy(self, args, components: ModelComponents):
+        return LuminaTextEncoderOutputsCachingStrategy(components.text_encoders_fingerprint, self.max_length(args),
+                                                       self.system_prompt(args))
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -189,11 +168,11 @@ class LuminaFamily(ModelFamily):
         from library.training.flow_matching import LUMINA_OBJECTIVE, FlowMatchingNoiseScheme, FlowMatchingOptions
 
         # Lumina 2 counts time from noise (0) to image (1) and predicts the velocity latents - noise
-        options = self.flow_options or FlowMatchingOptions.from_args(args, LUMINA_OBJECTIVE)
+        options = self.settings.flow_options or FlowMatchingOptions.from_args(args, LUMINA_OBJECTIVE)
         return FlowMatchingNoiseScheme(options, reverse_model_timesteps=True, output_sign=-1.0)
 
-    def objective_metadata(self) -> dict[str, str]:
-        return self.flow_options.metadata()
+    def objective_metadata(self, components: ModelComponents) -> dict[str, str]:
+        return self.settings.flow_options.metadata()
 
     def predict(self, components: ModelComponents, noisy_latents, timesteps, conditioning, batch: dict):
         """`timesteps` are Lumina's (1 - sigma); the output is Lumina's velocity latents - noise."""
@@ -215,42 +194,13 @@ class LuminaFamily(ModelFamily):
         return [
             LoraTarget(prefix="lora_unet", root=components.denoiser, container_classes=(BLOCK,),
                        rename=diffusers_to_original_module, fused_groups={BLOCK: (QKV_MEMBERS,)},
-                       diffusers_prefix="transformer", save_format=self.save_lora_format),
+                       diffusers_prefix="transformer", save_format=self.settings.save_lora_format),
             LoraTarget(prefix="lora_te", root=gemma, container_classes=GEMMA_CONTAINERS, is_text_encoder=True,
-                       save_format=self.save_lora_format),
+                       save_format=self.settings.save_lora_format),
         ]
 
-    def lora_module_names(self) -> list[LoraModuleNames]:
-        """Every unfused transformer linear LoRA may name at the released size (fused qkv: fused_lora_module_names)."""
-        from library.models.lumina_checkpoint import BLOCK_LINEARS
-
-        names = []
-        for block_list, count in RELEASED_SIZES.items():
-            for i in range(count):
-                for original, members in BLOCK_LINEARS.items():
-                    if len(members) > 1 or (block_list == "context_refiner" and original.startswith("adaLN")):
-                        continue
-                    path = f"{block_list}.{i}.{original}"
-                    names.append(LoraModuleNames(kohya="lora_unet_" + path.replace(".", "_"),
-                                                 diffusers=f"transformer.{block_list}.{i}.{members[0]}",
-                                                 comfy=f"diffusion_model.{path}"))
-        return names
-
-    def fused_lora_module_names(self) -> dict[str, tuple[str, tuple[str, ...]]]:
-        """kohya name of each fused qkv -> (its ComfyUI name, the diffusers modules it covers in row order)."""
-        fused = {}
-        for block_list, count in RELEASED_SIZES.items():
-            for i in range(count):
-                path = f"{block_list}.{i}.attention.qkv"
-                fused["lora_unet_" + path.replace(".", "_")] = (
-                    f"diffusion_model.{path}", tuple(f"transformer.{block_list}.{i}.{m}" for m in QKV_MEMBERS))
-        return fused
-
-    def fused_lora_row_sizes(self, kohya_name: str, down, up) -> list[int]:
-        """Rows of q, k and v in a fused qkv LoRA's up weight: q is the model width (the down's input)."""
-        from library.models.lumina_checkpoint import qkv_row_sizes
-
-        return qkv_row_sizes(int(up.shape[0]), int(down.shape[1]))
+    def lora_file_layout(self) -> "LuminaLoraFileLayout":
+        return LuminaLoraFileLayout(self.display_name)
 
     # ---- saving and sampling ------------------------------------------------------------------------
 
@@ -269,14 +219,14 @@ class LuminaFamily(ModelFamily):
 
         return lumina_sampling_scheduler()
 
-    def sample_pipeline_kwargs(self, prompt, args) -> dict:
+    def sample_pipeline_kwargs(self, prompt, args, components: ModelComponents) -> dict:
         kwargs = {"guidance_scale": 4.0 if prompt.scale is None else prompt.scale,
                   "max_sequence_length": self.max_length(args), "system_prompt": self.system_prompt(args)}
         if prompt.negative_prompt:
             kwargs["negative_prompt"] = prompt.negative_prompt
         return kwargs
 
-    def unused_sample_options(self, prompt) -> list[str]:
+    def unused_sample_options(self, prompt, components: ModelComponents) -> list[str]:
         unused = ["--ss"] if prompt.sample_sampler else []
         return unused + (["--g"] if prompt.guidance_scale is not None else [])
 
@@ -288,3 +238,39 @@ class LuminaFamily(ModelFamily):
             raise UserError(f"--save_model_as {save_as}: Lumina 2 transformers are saved as one original-layout "
                             ".safetensors file")
         save_lumina_transformer_original(components.denoiser, path, dtype, {k: str(v) for k, v in metadata.items()})
+
+
+class LuminaLoraFileLayout(LoraFileLayout):
+    """Lumina 2 LoRA names at the released model size, in each file layout."""
+
+    def module_names(self) -> list[LoraModuleNames]:
+        """Every unfused transformer linear LoRA may name at the released size (fused qkv: fused_module_names)."""
+        from library.models.lumina_checkpoint import BLOCK_LINEARS
+
+        names = []
+        for block_list, count in RELEASED_SIZES.items():
+            for i in range(count):
+                for original, members in BLOCK_LINEARS.items():
+                    if len(members) > 1 or (block_list == "context_refiner" and original.startswith("adaLN")):
+                        continue
+                    path = f"{block_list}.{i}.{original}"
+                    names.append(LoraModuleNames(kohya="lora_unet_" + path.replace(".", "_"),
+                                                 diffusers=f"transformer.{block_list}.{i}.{members[0]}",
+                                                 comfy=f"diffusion_model.{path}"))
+        return names
+
+    def fused_module_names(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """kohya name of each fused qkv -> (its ComfyUI name, the diffusers modules it covers in row order)."""
+        fused = {}
+        for block_list, count in RELEASED_SIZES.items():
+            for i in range(count):
+                path = f"{block_list}.{i}.attention.qkv"
+                fused["lora_unet_" + path.replace(".", "_")] = (
+                    f"diffusion_model.{path}", tuple(f"transformer.{block_list}.{i}.{m}" for m in QKV_MEMBERS))
+        return fused
+
+    def fused_row_sizes(self, kohya_name: str, down, up) -> list[int]:
+        """Rows of q, k and v in a fused qkv LoRA's up weight: q is the model width (the down's input)."""
+        from library.models.lumina_checkpoint import qkv_row_sizes
+
+        return qkv_row_sizes(int(up.shape[0]), int(down.shape[1]))

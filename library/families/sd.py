@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 from library.errors import UserError
-from library.families.base import LoraTarget, ModelComponents, ModelFamily
+from library.families.base import FamilySettings, LoraTarget, ModelComponents, ModelFamily
 from library.families.sd_text import (
     ALLOWED_MAX_TOKEN_LENGTHS,
     SDLatentsCachingStrategy,
@@ -35,26 +36,36 @@ def _max_token_length(args) -> int:
     return args.max_token_length or 75
 
 
+@dataclass(frozen=True)
+class SDSettings(FamilySettings):
+    """Which SD variant the run trains (--v2, --v_parameterization)."""
+
+    v2: bool = False
+    v_parameterization: bool = False
+
+
+@dataclass
+class SDComponents(ModelComponents):
+    v2: bool = False  # the checkpoint's text encoder is OpenCLIP-H (SD 2.x)
+
+
 class SDFamily(ModelFamily):
     """SD 1.x (CLIP-L) and 2.x (OpenCLIP-H, --v2) UNet models."""
 
     name = "sd"
     display_name = "Stable Diffusion 1.x/2.x"
-
-    def __init__(self) -> None:
-        # which SD variant the run trains; set from the arguments by validate_args (and load)
-        self.v2 = False
-        self.v_parameterization = False
+    metadata_flags = ("clip_skip", "max_token_length", "v2", "v_parameterization")  # as sd-scripts writes them
+    settings_class = SDSettings
 
     @property
     def base_model_version(self) -> str:  # sd-scripts' ss_base_model_version
-        return ("sd_v2" if self.v2 else "sd_v1") + ("_v" if self.v_parameterization else "")
+        return ("sd_v2" if self.settings.v2 else "sd_v1") + ("_v" if self.settings.v_parameterization else "")
 
     @property
-    def modelspec_architecture(self) -> str:  # SAI model spec names
-        if not self.v2:
+    def modelspec_name(self) -> str:  # SAI model spec names
+        if not self.settings.v2:
             return "stable-diffusion-v1"
-        return "stable-diffusion-v2-768-v" if self.v_parameterization else "stable-diffusion-v2-512"
+        return "stable-diffusion-v2-768-v" if self.settings.v_parameterization else "stable-diffusion-v2-512"
 
     # ---- arguments ----------------------------------------------------------------------------------
 
@@ -76,22 +87,21 @@ class SDFamily(ModelFamily):
         group.add_argument("--no_half_vae", action="store_true",
                            help="keep the VAE in float32 under fp16/bf16 mixed precision")
 
-    def validate_args(self, args: argparse.Namespace) -> None:
+    def settings_from_args(self, args: argparse.Namespace, kind) -> SDSettings:
         if args.max_token_length is not None and args.max_token_length not in ALLOWED_MAX_TOKEN_LENGTHS:
             raise UserError(f"--max_token_length {args.max_token_length}: use 75, 150 or 225")
         if args.clip_skip is not None and args.clip_skip < 1:
             raise UserError(f"--clip_skip {args.clip_skip}: use 1 (last layer) or more")
         if args.v_parameterization and not args.v2:
             logger.warning("--v_parameterization without --v2: only right for v-prediction SD 1.x fine-tunes")
-        self.v2, self.v_parameterization = bool(args.v2), bool(args.v_parameterization)
+        return SDSettings(kind=kind, v2=bool(args.v2), v_parameterization=bool(args.v_parameterization))
 
     # ---- loading ------------------------------------------------------------------------------------
 
     def load(self, args: argparse.Namespace, with_vae: bool = True) -> ModelComponents:
         from library.models.sd_checkpoint import load_sd_models, sd_noise_scheduler
 
-        self.validate_args(args)
-        full_finetune = hasattr(args, "save_model_as")  # only full fine-tune parsers have it
+        full_finetune = self.settings.kind.is_full_fine_tune
         models = load_sd_models(args.pretrained_model_name_or_path, args.vae, full_finetune, with_vae)
         source = args.pretrained_model_name_or_path
         if models.v2 != bool(args.v2):
@@ -101,10 +111,10 @@ class SDFamily(ModelFamily):
         layers = models.text_encoder.config.num_hidden_layers
         if args.clip_skip is not None and args.clip_skip > layers:
             raise UserError(f"--clip_skip {args.clip_skip}: the text encoder has only {layers} layers")
-        return ModelComponents(
+        return SDComponents(
             denoiser=models.unet, vae=models.vae, text_encoders=[models.text_encoder],
             tokenizers=[models.tokenizer], noise_scheduler=sd_noise_scheduler(args.v_parameterization),
-            source=source, extra={"v2": models.v2},
+            source=source, v2=models.v2,
         )
 
     # ---- strategies ---------------------------------------------------------------------------------
@@ -122,7 +132,7 @@ class SDFamily(ModelFamily):
         strategy.vae_identity = weights_identity(args.vae or args.pretrained_model_name_or_path)
         return strategy
 
-    def text_encoder_outputs_caching_strategy(self, args) -> Optional[SDTextEncoderOutputsCachingStrategy]:
+    def text_encoder_outputs_caching_strategy(self, args, components) -> Optional[SDTextEncoderOutputsCachingStrategy]:
         return SDTextEncoderOutputsCachingStrategy(
             v2=args.v2, max_token_length=_max_token_length(args), clip_skip=args.clip_skip,
             weighted=args.weighted_captions, source=str(args.pretrained_model_name_or_path),
@@ -165,9 +175,9 @@ class SDFamily(ModelFamily):
             components.denoiser, components.vae, components.text_encoders[0], components.tokenizers[0], scheduler
         )
 
-    def sample_pipeline_kwargs(self, prompt, args) -> dict:
+    def sample_pipeline_kwargs(self, prompt, args, components: ModelComponents) -> dict:
         """CFG and negative prompt as every family, plus --clip_skip (diffusers counts skipped layers from 0)."""
-        kwargs = super().sample_pipeline_kwargs(prompt, args)
+        kwargs = super().sample_pipeline_kwargs(prompt, args, components)
         if args.clip_skip and args.clip_skip > 1:
             kwargs["clip_skip"] = args.clip_skip - 1
         return kwargs
@@ -178,7 +188,7 @@ class SDFamily(ModelFamily):
         if save_as == "safetensors":
             save_sd_single_file(
                 components.denoiser, components.vae, components.text_encoders[0], path,
-                v2=components.extra.get("v2"), dtype=dtype, metadata=metadata,
+                v2=components.v2, dtype=dtype, metadata=metadata,
             )
         elif save_as == "diffusers":
             save_sd_diffusers_folder(self.build_pipeline(components), path, dtype)
@@ -198,15 +208,10 @@ class SDFamily(ModelFamily):
             return _vae_from_single_file(source)
         return sd_checkpoint.load_vae(source)
 
-    def checkpoint_lora_slices(self, shapes: dict, component: str):
-        from library.families.sd_lora_names import sd_checkpoint_lora_slices
+    def lora_file_layout(self):
+        from library.families.sd_lora_names import SDLoraFileLayout
 
-        return sd_checkpoint_lora_slices(shapes, component)
-
-    def lora_module_names(self):
-        from library.families.sd_lora_names import sd_lora_module_names
-
-        return list(sd_lora_module_names())
+        return SDLoraFileLayout(self.display_name)
 
 
 def _vae_from_single_file(path: str):

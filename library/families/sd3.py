@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from library.errors import UserError
-from library.families.base import LoraTarget, ModelComponents, ModelFamily
+from library.families.base import FamilySettings, LoraTarget, ModelComponents, ModelFamily
 from library.training.flow_matching import FlowMatchingNoiseScheme
 
 logger = logging.getLogger(__name__)
@@ -94,20 +96,16 @@ def sd3_swap_limit(num_blocks: int) -> int:
     return max(num_blocks - 2, 0)
 
 
-def enable_block_swap(transformer, blocks_to_swap: int, backend, trains_weights: bool = False,
-                      record_events: bool = False):
-    """Swap joint blocks of an MMDiT whose other parts are already on backend.device."""
-    from library.offload import BlockSwapper
+@dataclass(frozen=True)
+class SD3Settings(FamilySettings):
+    """SD3's flags for one run, validated."""
 
-    blocks = transformer.transformer_blocks
-    if blocks_to_swap > sd3_swap_limit(len(blocks)):
-        raise UserError(f"--blocks_to_swap {blocks_to_swap}: this SD3 model has {len(blocks)} joint blocks and can "
-                        f"swap at most {sd3_swap_limit(len(blocks))}")
-    swapper = BlockSwapper(transformer, [("joint", blocks, blocks_to_swap)], backend, trains_weights=trains_weights,
-                           record_events=record_events)
-    logger.info("block swap: %d of %d joint blocks stay in CPU memory (%.2f GB less VRAM)", blocks_to_swap,
-                len(blocks), swapper.swapped_bytes() / 1e9)
-    return swapper
+    flow_options: Any = None  # library.training.flow_matching.FlowMatchingOptions
+    dropout_rates: tuple = (0.0, 0.0, 0.0)  # --clip_l/--clip_g/--t5 _dropout_rate
+    training_shift: float = 1.0
+    apply_lg_attn_mask: bool = False
+    apply_t5_attn_mask: bool = False
+    save_lora_format: str = "kohya"
 
 
 class SD3Family(ModelFamily):
@@ -116,20 +114,15 @@ class SD3Family(ModelFamily):
     name = "sd3"
     display_name = "SD3/SD3.5"
     base_model_version = "sd3"
-    modelspec_architecture = "stable-diffusion-v3"
-
-    def __init__(self) -> None:
-        self.flow_options = None
-        self.dropout_rates = (0.0, 0.0, 0.0)
-        self.training_shift = 1.0
-        self.apply_lg_attn_mask = self.apply_t5_attn_mask = False
-        self.save_lora_format = "kohya"
-        self.encoders_fingerprint = ""
-        self.block_swapper = None
+    metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
+    modelspec_name = "stable-diffusion-v3"
+    settings_class = SD3Settings
 
     # ---- arguments ----------------------------------------------------------------------------------
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from library.offload import add_blocks_to_swap_argument
+
         group = parser.add_argument_group("SD3 / SD3.5 model")
         group.add_argument("--pretrained_model_name_or_path", required=True,
                            help="SAI single file (sd3.5_large.safetensors; MMDiT + VAE, text encoders optional) or "
@@ -147,8 +140,7 @@ class SD3Family(ModelFamily):
         for flag in ENCODER_DROPOUT_FLAGS:
             group.add_argument(f"--{flag}", type=float, default=0.0,
                                help=f"probability of zeroing this encoder's outputs per sample (default 0)")
-        group.add_argument("--blocks_to_swap", type=int, default=None,
-                           help="keep this many joint blocks in CPU memory, moving them to the GPU when needed")
+        add_blocks_to_swap_argument(group, "joint blocks")
         group.add_argument("--save_lora_format", choices=("kohya", "diffusers"), default="kohya",
                            help="LoRA file keys: kohya (SAI names, default; ComfyUI, sd-scripts) or diffusers "
                                 "(PEFT keys; what diffusers' StableDiffusion3Pipeline loads)")
@@ -156,11 +148,12 @@ class SD3Family(ModelFamily):
     def add_noise_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_sd3_noise_arguments(parser)
 
-    def validate_args(self, args: argparse.Namespace) -> None:
+    def settings_from_args(self, args: argparse.Namespace, kind) -> SD3Settings:
+        from library.offload import validated_blocks_to_swap
         from library.training.flow_matching import SD3_OBJECTIVE, FlowMatchingOptions, reject_ddpm_flags
 
         reject_ddpm_flags(args, self.display_name)
-        self.flow_options = FlowMatchingOptions.from_args(args, SD3_OBJECTIVE)
+        flow_options = FlowMatchingOptions.from_args(args, SD3_OBJECTIVE)
         if args.training_shift <= 0:
             raise UserError(f"--training_shift must be positive (got {args.training_shift})")
         if args.t5xxl_max_token_length < 1:
@@ -168,24 +161,18 @@ class SD3Family(ModelFamily):
         for flag in ENCODER_DROPOUT_FLAGS:
             if not 0 <= getattr(args, flag) <= 1:
                 raise UserError(f"--{flag} must be in [0, 1] (got {getattr(args, flag)})")
-        self.dropout_rates = tuple(float(getattr(args, flag)) for flag in ENCODER_DROPOUT_FLAGS)
-        self.training_shift = args.training_shift
-        self.apply_lg_attn_mask, self.apply_t5_attn_mask = bool(args.apply_lg_attn_mask), bool(args.apply_t5_attn_mask)
-        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
-            raise UserError(f"--blocks_to_swap must be 0 or more (got {args.blocks_to_swap})")
-        if args.blocks_to_swap:
-            import torch
-
-            from library.offload import require_cuda
-
-            require_cuda("cuda" if torch.cuda.is_available() else "cpu")  # fail before loading the model
-        self.save_lora_format = args.save_lora_format
-        if hasattr(args, "save_model_as"):  # only full fine-tune parsers have it
+        dropout_rates = tuple(float(getattr(args, flag)) for flag in ENCODER_DROPOUT_FLAGS)
+        blocks_to_swap = validated_blocks_to_swap(args.blocks_to_swap)
+        if kind.is_full_fine_tune:
             if args.save_lora_format != "kohya":
                 raise UserError("--save_lora_format applies to LoRA training only")
             if args.save_model_as != "safetensors":
                 raise UserError(f"--save_model_as {args.save_model_as}: SD3 full fine-tunes are saved as one SAI "
                                 "single file; use --save_model_as safetensors")
+        return SD3Settings(kind=kind, blocks_to_swap=blocks_to_swap, flow_options=flow_options,
+                           dropout_rates=dropout_rates, training_shift=args.training_shift,
+                           apply_lg_attn_mask=bool(args.apply_lg_attn_mask),
+                           apply_t5_attn_mask=bool(args.apply_t5_attn_mask), save_lora_format=args.save_lora_format)
 
     # ---- loading ------------------------------------------------------------------------------------
 
@@ -194,10 +181,8 @@ class SD3Family(ModelFamily):
         from library.models.sd3_checkpoint import load_sd3_models, sd3_sampling_scheduler
         from library.devices import torch_dtype
 
-        self.validate_args(args)
         models = load_sd3_models(args.pretrained_model_name_or_path, args.clip_l, args.clip_g, args.t5xxl,
                                  args.t5_tokenizer, dtype=torch_dtype(args.mixed_precision), with_vae=with_vae)
-        self.encoders_fingerprint = text_encoders_fingerprint(models.text_encoders)
         config = models.transformer.config
         logger.info("SD3 MMDiT: %d blocks, dual attention in %s, qk norm %s", config.num_layers,
                     list(config.dual_attention_layers) or "none", config.qk_norm or "none")
@@ -205,23 +190,16 @@ class SD3Family(ModelFamily):
             denoiser=models.transformer, vae=models.vae, text_encoders=models.text_encoders,
             tokenizers=models.tokenizers, noise_scheduler=sd3_sampling_scheduler(),
             source=args.pretrained_model_name_or_path,
+            text_encoders_fingerprint=text_encoders_fingerprint(models.text_encoders),
         )
 
-    def place_denoiser(self, components: ModelComponents, device, dtype, args) -> None:
-        from library.offload import CudaTransferBackend, require_cuda
-        from library.devices import move_module
-
-        transformer = components.denoiser
-        if not args.blocks_to_swap:
-            move_module(transformer, device, dtype)
-            return
-        require_cuda(device)
-        move_module(transformer, "cpu", dtype)
-        for child in transformer.children():
-            if child is not transformer.transformer_blocks:
-                child.to(device)
-        self.block_swapper = enable_block_swap(transformer, args.blocks_to_swap, CudaTransferBackend(device),
-                                               trains_weights=hasattr(args, "save_model_as"))
+    def block_swap_groups(self, transformer, blocks_to_swap: int):
+        """One list of joint blocks; at least two stay on the GPU."""
+        blocks = transformer.transformer_blocks
+        if blocks_to_swap > sd3_swap_limit(len(blocks)):
+            raise UserError(f"--blocks_to_swap {blocks_to_swap}: this SD3 model has {len(blocks)} joint blocks and "
+                            f"can swap at most {sd3_swap_limit(len(blocks))}")
+        return [("joint", blocks, blocks_to_swap)]
 
     # ---- strategies ---------------------------------------------------------------------------------
 
@@ -240,11 +218,10 @@ class SD3Family(ModelFamily):
 
         return SD3LatentsCachingStrategy()
 
-    def text_encoder_outputs_caching_strategy(self, args):
+    def text_encoder_outputs_caching_strategy(self, args, components: ModelComponents):
         from library.families.sd3_text import SD3TextEncoderOutputsCachingStrategy
 
-        fingerprint = self.encoders_fingerprint or str(args.pretrained_model_name_or_path)
-        return SD3TextEncoderOutputsCachingStrategy(fingerprint, args.t5xxl_max_token_length,
+        return SD3TextEncoderOutputsCachingStrategy(components.text_encoders_fingerprint, args.t5xxl_max_token_length,
                                                     args.apply_lg_attn_mask, args.apply_t5_attn_mask)
 
     # ---- training -----------------------------------------------------------------------------------
@@ -252,15 +229,15 @@ class SD3Family(ModelFamily):
     def noise_scheme(self, args, components: ModelComponents):
         from library.training.flow_matching import SD3_OBJECTIVE, FlowMatchingOptions
 
-        return SD3NoiseScheme(self.flow_options or FlowMatchingOptions.from_args(args, SD3_OBJECTIVE),
+        return SD3NoiseScheme(self.settings.flow_options or FlowMatchingOptions.from_args(args, SD3_OBJECTIVE),
                               args.training_shift)
 
-    def objective_metadata(self) -> dict[str, str]:
-        o = self.flow_options
-        metadata = {f"ss_{key}": str(getattr(o, key)) for key in
+    def objective_metadata(self, components: ModelComponents) -> dict[str, str]:
+        s = self.settings
+        metadata = {f"ss_{key}": str(getattr(s.flow_options, key)) for key in
                     ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "min_timestep", "max_timestep")}
-        metadata.update(ss_training_shift=str(self.training_shift), ss_apply_lg_attn_mask=str(self.apply_lg_attn_mask),
-                        ss_apply_t5_attn_mask=str(self.apply_t5_attn_mask))
+        metadata.update(ss_training_shift=str(s.training_shift), ss_apply_lg_attn_mask=str(s.apply_lg_attn_mask),
+                        ss_apply_t5_attn_mask=str(s.apply_t5_attn_mask))
         return metadata
 
     def predict(self, components: ModelComponents, noisy_latents, timesteps, conditioning, batch: dict):
@@ -271,7 +248,7 @@ class SD3Family(ModelFamily):
         from library.families.sd3_text import drop_encoder_outputs, mmdit_inputs
 
         if torch.is_grad_enabled():
-            conditioning = drop_encoder_outputs(conditioning, self.dropout_rates)
+            conditioning = drop_encoder_outputs(conditioning, self.settings.dropout_rates)
         dtype, device = noisy_latents.dtype, noisy_latents.device
         context, pooled = mmdit_inputs(conditioning, device, dtype)
         return components.denoiser(hidden_states=noisy_latents, encoder_hidden_states=context,
@@ -289,32 +266,21 @@ class SD3Family(ModelFamily):
         targets = [LoraTarget(
             prefix="lora_unet", root=transformer, container_classes=(JOINT_BLOCK,), rename=diffusers_to_sai_module,
             fused_groups=FUSED_GROUPS, module_rank=lambda name: 0 if name == skipped else None,
-            diffusers_prefix="transformer", save_format=self.save_lora_format,
+            diffusers_prefix="transformer", save_format=self.settings.save_lora_format,
         )]
         for prefix, encoder, component in zip(("lora_te1", "lora_te2"), components.text_encoders[:2],
                                               ("text_encoder", "text_encoder_2")):
             targets.append(LoraTarget(
                 prefix=prefix, root=encoder, container_classes=CLIP_CONTAINERS, is_text_encoder=True,
                 file_path_prefix="" if hasattr(encoder, "text_model") else "text_model.",
-                diffusers_prefix=component, save_format=self.save_lora_format,
+                diffusers_prefix=component, save_format=self.settings.save_lora_format,
             ))
         return targets
 
-    def lora_module_names(self):
-        from library.families.sd3_lora_names import sd3_lora_module_names
+    def lora_file_layout(self):
+        from library.families.sd3_lora_names import SD3LoraFileLayout
 
-        return list(sd3_lora_module_names())
-
-    def fused_lora_module_names(self):
-        from library.families.sd3_lora_names import sd3_fused_lora_module_names
-
-        return sd3_fused_lora_module_names()
-
-    def fused_lora_row_sizes(self, kohya_name: str, down, up) -> list[int]:
-        """An SAI qkv's rows are q, k and v of equal width."""
-        if up.shape[0] % 3:
-            raise UserError(f"LoRA module {kohya_name}: lora_up has {up.shape[0]} rows, not three equal q/k/v parts")
-        return [up.shape[0] // 3] * 3
+        return SD3LoraFileLayout(self.display_name)
 
     # ---- saving and sampling ------------------------------------------------------------------------
 
@@ -339,10 +305,11 @@ class SD3Family(ModelFamily):
 
         return sd3_sampling_scheduler()
 
-    def sample_pipeline_kwargs(self, prompt, args) -> dict:
-        return {**super().sample_pipeline_kwargs(prompt, args), "max_sequence_length": args.t5xxl_max_token_length}
+    def sample_pipeline_kwargs(self, prompt, args, components: ModelComponents) -> dict:
+        return {**super().sample_pipeline_kwargs(prompt, args, components),
+                "max_sequence_length": args.t5xxl_max_token_length}
 
-    def unused_sample_options(self, prompt) -> list[str]:
+    def unused_sample_options(self, prompt, components: ModelComponents) -> list[str]:
         return [flag for flag, value in (("--ss", prompt.sample_sampler), ("--g", prompt.guidance_scale))
                 if value is not None]
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from library.families.base import LoraModuleNames
+from library.errors import UserError
+from library.families.base import LoraFileLayout, LoraModuleNames
 
 MAX_BLOCKS = 38  # SD3.5 large
 DUAL_ATTENTION_BLOCKS = range(13)  # SD3.5 medium
@@ -61,3 +62,17 @@ def sd3_fused_lora_module_names() -> dict[str, tuple[str, tuple[str, ...]]]:
     """kohya name of each SAI qkv -> (ComfyUI name, its diffusers q, k, v layers in row order)."""
     return {kohya_name(sai): (f"diffusion_model.{sai}", tuple(f"transformer.{m}" for m in members))
             for sai, members in _sai_modules() if len(members) > 1}
+
+
+class SD3LoraFileLayout(LoraFileLayout):
+    def module_names(self):
+        return list(sd3_lora_module_names())
+
+    def fused_module_names(self):
+        return sd3_fused_lora_module_names()
+
+    def fused_row_sizes(self, kohya_name: str, down, up) -> list[int]:
+        """An SAI qkv's rows are q, k and v of equal width."""
+        if up.shape[0] % 3:
+            raise UserError(f"LoRA module {kohya_name}: lora_up has {up.shape[0]} rows, not three equal q/k/v parts")
+        return [up.shape[0] // 3] * 3

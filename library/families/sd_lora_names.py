@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from library.families.base import LoraModuleNames, LoraWeightSlice
+from library.families.base import LoraFileLayout, LoraModuleNames, LoraWeightSlice
 from library.models import sd_ldm_layout as layout
 
 UNET_KOHYA_PREFIX = "lora_unet_"
@@ -126,3 +126,11 @@ def sd_lora_module_names() -> tuple[LoraModuleNames, ...]:
         names.append(LoraModuleNames(kohya=text_encoder_lora_name(path), diffusers=f"text_encoder.{path}",
                                      comfy=f"text_encoder.{path}"))
     return tuple(names)
+
+
+class SDLoraFileLayout(LoraFileLayout):
+    def checkpoint_slices(self, shapes: dict, component: str):
+        return sd_checkpoint_lora_slices(shapes, component)
+
+    def module_names(self):
+        return list(sd_lora_module_names())

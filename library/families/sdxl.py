@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
 
 from library.errors import UserError
 from library.families.base import LoraTarget, ModelComponents, ModelFamily
@@ -60,16 +61,19 @@ def _text_encoder_lora_target(prefix: str, text_encoder, pipeline_component: str
                       file_path_prefix=file_path_prefix, is_text_encoder=True, diffusers_prefix=pipeline_component)
 
 
+@dataclass
+class SDXLComponents(ModelComponents):
+    logit_scale: Any = None  # bigG's logit_scale from a single file, written back when saving one
+
+
 class SDXLFamily(ModelFamily):
     """SDXL base 1.0 and its fine-tunes (epsilon or, with --v_parameterization, v-prediction)."""
 
     name = "sdxl"
     display_name = "SDXL"
+    metadata_flags = ("clip_skip", "max_token_length", "v2", "v_parameterization")  # as sd-scripts writes them
     base_model_version = "sdxl_base_v1-0"  # sd-scripts' ss_base_model_version for SDXL
-    modelspec_architecture = "stable-diffusion-xl-v1-base"
-
-    def __init__(self) -> None:
-        self.encoders_fingerprint = ""  # set by load(); names the encoders in text-encoder cache files
+    modelspec_name = "stable-diffusion-xl-v1-base"
 
     # ---- arguments ----------------------------------------------------------------------------------
 
@@ -98,7 +102,7 @@ class SDXLFamily(ModelFamily):
         group.add_argument("--v2", action="store_true", help=argparse.SUPPRESS)
         group.add_argument("--clip_skip", type=int, default=None, help=argparse.SUPPRESS)
 
-    def validate_args(self, args: argparse.Namespace) -> None:
+    def settings_from_args(self, args: argparse.Namespace, kind):
         if args.v2:
             raise UserError("--v2 is for Stable Diffusion 2.x; SDXL has no such variant: remove --v2")
         if args.clip_skip is not None:
@@ -106,11 +110,11 @@ class SDXLFamily(ModelFamily):
                             "bigG's penultimate layer): remove --clip_skip")
         if args.max_token_length is not None and args.max_token_length not in ALLOWED_MAX_TOKEN_LENGTHS:
             raise UserError(f"--max_token_length {args.max_token_length}: use 75, 150 or 225")
-        self._validate_text_encoder_rates(args)
+        self._validate_text_encoder_rates(args, kind.is_full_fine_tune)
+        return self.settings_class(kind=kind)
 
     @staticmethod
-    def _validate_text_encoder_rates(args: argparse.Namespace) -> None:
-        full_finetune = hasattr(args, "save_model_as")  # only full fine-tune parsers have it
+    def _validate_text_encoder_rates(args: argparse.Namespace, full_finetune: bool) -> None:
         for flag in TEXT_ENCODER_LR_FLAGS:
             value = getattr(args, flag)
             if value is None:
@@ -128,19 +132,18 @@ class SDXLFamily(ModelFamily):
         from library.models.sd_checkpoint import sd_noise_scheduler
         from library.models.sdxl_checkpoint import load_sdxl_models
 
-        self.validate_args(args)
-        full_finetune = hasattr(args, "save_model_as")
+        full_finetune = self.settings.kind.is_full_fine_tune
         source = args.pretrained_model_name_or_path
         models = load_sdxl_models(source, args.vae, full_finetune, with_vae)
         if models.marked_v_prediction and not args.v_parameterization:
             logger.warning("%s is marked as a v-prediction model (`v_pred` key): you probably want "
                            "--v_parameterization (and --zero_terminal_snr if it was trained with it)", source)
-        self.encoders_fingerprint = text_encoders_fingerprint(models.text_encoder_1, models.text_encoder_2)
-        return ModelComponents(
+        return SDXLComponents(
             denoiser=models.unet, vae=models.vae, text_encoders=[models.text_encoder_1, models.text_encoder_2],
             tokenizers=[models.tokenizer_1, models.tokenizer_2],
             noise_scheduler=sd_noise_scheduler(args.v_parameterization), source=source,
-            extra={"logit_scale": models.logit_scale},
+            text_encoders_fingerprint=text_encoders_fingerprint(models.text_encoder_1, models.text_encoder_2),
+            logit_scale=models.logit_scale,
         )
 
     # ---- strategies ---------------------------------------------------------------------------------
@@ -154,9 +157,9 @@ class SDXLFamily(ModelFamily):
     def latents_caching_strategy(self, args) -> SDXLLatentsCachingStrategy:
         return SDXLLatentsCachingStrategy()
 
-    def text_encoder_outputs_caching_strategy(self, args) -> Optional[SDXLTextEncoderOutputsCachingStrategy]:
-        fingerprint = self.encoders_fingerprint or str(args.pretrained_model_name_or_path)
-        return SDXLTextEncoderOutputsCachingStrategy(fingerprint, _max_token_length(args), args.weighted_captions)
+    def text_encoder_outputs_caching_strategy(self, args, components) -> Optional[SDXLTextEncoderOutputsCachingStrategy]:
+        return SDXLTextEncoderOutputsCachingStrategy(components.text_encoders_fingerprint, _max_token_length(args),
+                                                     args.weighted_captions)
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -200,7 +203,7 @@ class SDXLFamily(ModelFamily):
 
         if save_as == "safetensors":
             save_sdxl_single_file(components.denoiser, components.vae, *components.text_encoders, path,
-                                  dtype=dtype, metadata=metadata, logit_scale=components.extra.get("logit_scale"))
+                                  dtype=dtype, metadata=metadata, logit_scale=getattr(components, "logit_scale", None))
         elif save_as == "diffusers":
             save_sdxl_diffusers_folder(self.build_pipeline(components), path, dtype)
         else:
@@ -219,12 +222,7 @@ class SDXLFamily(ModelFamily):
             raise UserError("give the model with --pretrained_model_name_or_path (or a VAE with --vae)")
         return load_sdxl_vae_only(source)
 
-    def checkpoint_lora_slices(self, shapes: dict, component: str):
-        from library.families.sdxl_lora_names import sdxl_checkpoint_lora_slices
+    def lora_file_layout(self):
+        from library.families.sdxl_lora_names import SDXLLoraFileLayout
 
-        return sdxl_checkpoint_lora_slices(shapes, component)
-
-    def lora_module_names(self):
-        from library.families.sdxl_lora_names import sdxl_lora_module_names
-
-        return list(sdxl_lora_module_names())
+        return SDXLLoraFileLayout(self.display_name)

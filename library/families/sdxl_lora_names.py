@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from library.families.base import LoraModuleNames, LoraWeightSlice
+from library.families.base import LoraFileLayout, LoraModuleNames, LoraWeightSlice
 from library.families.sd_lora_names import open_clip_slices, weight_layers, weight_modules
 from library.models import sgm_layout
 
@@ -108,3 +108,11 @@ def sdxl_lora_module_names() -> tuple[LoraModuleNames, ...]:
             names.append(LoraModuleNames(kohya=TE_PREFIXES[component] + _flat(full), diffusers=f"{component}.{full}",
                                          comfy=f"{component}.{full}"))
     return tuple(names)
+
+
+class SDXLLoraFileLayout(LoraFileLayout):
+    def checkpoint_slices(self, shapes: dict, component: str):
+        return sdxl_checkpoint_lora_slices(shapes, component)
+
+    def module_names(self):
+        return list(sdxl_lora_module_names())

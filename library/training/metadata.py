@@ -42,7 +42,7 @@ def tag_frequency(entries) -> dict:
     return frequency
 
 
-def training_metadata(args, family, dataset, optimizer_description: str, *, num_batches_per_epoch: int, num_epochs: int,
+def training_metadata(args, family, components, dataset, optimizer_description: str, *, num_batches_per_epoch: int, num_epochs: int,
                       max_train_steps: int, seed: int, started_at: float) -> dict[str, str]:
     """The fixed part of the metadata, computed once when training starts."""
     resolution = dataset.datasets[0].resolution
@@ -82,10 +82,9 @@ def training_metadata(args, family, dataset, optimizer_description: str, *, num_
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
     }
-    for name in ("clip_skip", "max_token_length", "v2", "v_parameterization"):
-        if hasattr(args, name):
-            metadata[f"ss_{name}"] = _text(getattr(args, name))
-    metadata.update(family.objective_metadata())
+    for name in family.metadata_flags:
+        metadata[f"ss_{name}"] = _text(getattr(args, name))
+    metadata.update(family.objective_metadata(components))
     return metadata
 
 

@@ -1,13 +1,18 @@
 """The two training modes: a network (LoRA) on frozen weights, or a full fine-tune.
 
 A mode decides which weights train, builds their optimizer parameter groups, and writes the
-trained result. The trainer treats both alike through `prepare`, `trainable_modules`,
-`trains_text_encoder`, `save` and `save_extension`.
+trained result. `TrainingMode` is what the trainer asks of either: `prepare`, `trainable_modules`,
+`trains_text_encoder`, `save`, `save_extension` and `architecture_suffix`. Before any model is
+loaded, families and flag checks need only the mode's `ModeKind` (is it a full fine-tune, will it
+train text encoders): the kind is passed to them explicitly, never guessed from which flags the
+parser happened to register.
 """
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from library.errors import UserError
 
@@ -19,16 +24,73 @@ def freeze(module) -> None:
         module.requires_grad_(False)
 
 
-class NetworkMode:
+@dataclass(frozen=True)
+class ModeKind:
+    """Which mode a run trains in: what families and flag checks may ask before the mode is built."""
+
+    name: str  # "network" or "full"
+
+    @property
+    def is_full_fine_tune(self) -> bool:
+        """True: the model's own weights train (and are saved); False: a network on frozen weights."""
+        return self.name == "full"
+
+    def trains_text_encoders(self, args) -> bool:
+        """Whether the flags ask for text-encoder training (a LoRA trains them unless
+        --network_train_unet_only; a full fine-tune only with --train_text_encoder)."""
+        if self.is_full_fine_tune:
+            return bool(args.train_text_encoder)
+        return not args.network_train_unet_only
+
+    @property
+    def text_encoder_off_switch(self) -> str:
+        """How a user keeps the text encoders frozen in this mode, for error messages."""
+        return "no --train_text_encoder" if self.is_full_fine_tune else "--network_train_unet_only"
+
+
+NETWORK, FULL = ModeKind("network"), ModeKind("full")
+MODE_KINDS = {kind.name: kind for kind in (NETWORK, FULL)}
+
+
+class TrainingMode(ABC):
+    """What the trainer asks of a training mode."""
+
+    kind: ModeKind
+    save_extension: str  # ".safetensors", or "" for a diffusers folder
+    architecture_suffix: str = ""  # appended to modelspec.architecture ("/lora" for LoRA files)
+
+    def __init__(self, family, args):
+        self.family, self.args = family, args
+
+    @property
+    @abstractmethod
+    def trains_text_encoder(self) -> bool: ...
+
+    @abstractmethod
+    def prepare(self, components) -> list[dict]:
+        """Freeze what stays frozen, set up what trains; returns the optimizer parameter groups."""
+
+    @abstractmethod
+    def trainable_modules(self, components) -> list:
+        """The modules whose parameters train (for placement, clipping, eval/train switches)."""
+
+    @abstractmethod
+    def save(self, components, path: str, dtype, metadata: dict) -> None:
+        """Write the trained result to `path` (+ save_extension)."""
+
+
+class NetworkMode(TrainingMode):
     """Trains a network module (networks.lora by default) attached to frozen model weights."""
 
+    kind = NETWORK
     save_extension = ".safetensors"
+    architecture_suffix = "/lora"
 
     def __init__(self, family, args):
         from networks.network_arguments import validate_network_args
 
-        validate_network_args(args)
-        self.family, self.args = family, args
+        super().__init__(family, args)
+        validate_network_args(args, family.network_arg_keys)
         self.network = None
 
     @property
@@ -42,7 +104,8 @@ class NetworkMode:
         for part in [components.denoiser, components.vae, *components.text_encoders]:
             freeze(part)
         module = import_network_module(args.network_module)
-        self.network = module.create_network(self.family.lora_targets(components), **create_network_kwargs(args))
+        kwargs = create_network_kwargs(args, self.family.network_arg_keys)
+        self.network = module.create_network(self.family.lora_targets(components), **kwargs)
         if args.network_weights:
             self.network.load_weights(args.network_weights)
             logger.info("continuing from network weights %s", args.network_weights)
@@ -57,11 +120,13 @@ class NetworkMode:
         network.save_weights(path, dtype, metadata)
 
 
-class FullFineTuneMode:
+class FullFineTuneMode(TrainingMode):
     """Trains the denoiser's weights (and the text encoders' with --train_text_encoder)."""
 
+    kind = FULL
+
     def __init__(self, family, args):
-        self.family, self.args = family, args
+        super().__init__(family, args)
         self.trained_text_encoders: list | None = None  # known after prepare()
         self.save_extension = ".safetensors" if args.save_model_as == "safetensors" else ""
 
@@ -102,5 +167,5 @@ class FullFineTuneMode:
         self.family.save_full_model(components, path, self.args.save_model_as, dtype, metadata)
 
 
-def make_mode(name: str, family, args):
-    return NetworkMode(family, args) if name == "network" else FullFineTuneMode(family, args)
+def make_mode(kind: ModeKind, family, args) -> TrainingMode:
+    return FullFineTuneMode(family, args) if kind.is_full_fine_tune else NetworkMode(family, args)

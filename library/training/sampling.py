@@ -277,7 +277,7 @@ class Sampler:
         self.prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else []
         self.folder = os.path.join(args.output_dir, "sample")
         for prompt in self.prompts:
-            unused = family.unused_sample_options(prompt)
+            unused = family.unused_sample_options(prompt, components)
             if unused:
                 logger.warning("sample prompt %d of %s: %s has no effect for %s", prompt.index, args.sample_prompts,
                                ", ".join(unused), family.display_name)
@@ -311,17 +311,16 @@ class Sampler:
             module.eval()  # no LoRA/network dropout in samples
         paths, images, labels = [], [], []
         try:
-            with self.family.sampling_mode(self.components):
-                for prompt in self.prompts:
-                    prompt = replace(prompt, prompt=replace_trigger(prompt.prompt, self.trigger_word),
-                                     negative_prompt=replace_trigger(prompt.negative_prompt, self.trigger_word)
-                                     if prompt.negative_prompt else None)
-                    image = self._generate(prompt)
-                    path = os.path.join(self.folder, sample_file_name(self.args.output_name, tag, prompt))
-                    save_png_atomic(image, path)
-                    paths.append(path)
-                    images.append(image)
-                    labels.append(f"#{prompt.index} {prompt.prompt}")
+            for prompt in self.prompts:
+                prompt = replace(prompt, prompt=replace_trigger(prompt.prompt, self.trigger_word),
+                                 negative_prompt=replace_trigger(prompt.negative_prompt, self.trigger_word)
+                                 if prompt.negative_prompt else None)
+                image = self._generate(prompt)
+                path = os.path.join(self.folder, sample_file_name(self.args.output_name, tag, prompt))
+                save_png_atomic(image, path)
+                paths.append(path)
+                images.append(image)
+                labels.append(f"#{prompt.index} {prompt.prompt}")
         finally:
             for module, was_training in modes:
                 module.train(was_training)
@@ -345,5 +344,5 @@ class Sampler:
         with torch.no_grad(), self.accelerator.autocast():
             result = pipeline(prompt=prompt.prompt, width=width, height=height, generator=generator,
                               num_inference_steps=prompt.sample_steps or family.sample_default_steps,
-                              **family.sample_pipeline_kwargs(prompt, args))
+                              **family.sample_pipeline_kwargs(prompt, args, self.components))
         return result.images[0]

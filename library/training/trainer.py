@@ -47,9 +47,11 @@ def trigger_word_for_samples(args, dataset) -> str | None:
 
 
 class Trainer:
-    def __init__(self, family, mode_name: str, args):
+    def __init__(self, family, args):
+        """`family` configured for the run (parse_training_args returns it with `args`); its
+        settings' kind picks the training mode."""
         self.family, self.args = family, args
-        self.mode = make_mode(mode_name, family, args)
+        self.mode = make_mode(family.settings.kind, family, args)
 
     # ----- setup -------------------------------------------------------------------------------
     def _load_datasets(self, seed: int, num_processes: int):
@@ -78,7 +80,7 @@ class Trainer:
         def dtype_of(part):
             return full_precision_dtype if id(part) in trainable else weight_dtype
 
-        self.family.place_denoiser(components, device, dtype_of(components.denoiser), args)
+        self.family.place_denoiser(components, device, dtype_of(components.denoiser))
         for part in components.text_encoders:
             move_module(part, device, dtype_of(part))
         if components.vae is not None:
@@ -104,10 +106,9 @@ class Trainer:
         valid cache file (the entries then point at them), no samples are drawn and no full model
         (which includes the VAE) is saved."""
         from library.data.latent_cache import use_existing_cache_files
-        from library.training.modes import FullFineTuneMode
 
         args = self.args
-        if not args.cache_latents_to_disk or getattr(args, "sample_prompts", None) or isinstance(self.mode, FullFineTuneMode):
+        if not args.cache_latents_to_disk or getattr(args, "sample_prompts", None) or self.mode.kind.is_full_fine_tune:
             return True
         return not all(
             use_existing_cache_files(part, strategy, cache_dir=args.latents_cache_dir, skip_cache_check=args.skip_cache_check)
@@ -179,7 +180,7 @@ class Trainer:
         if resume_folder:
             position = load_training_state(accelerator, resume_folder)
 
-        metadata = training_metadata(args, self.family, dataset, describe_optimizer(args, optimizer),
+        metadata = training_metadata(args, self.family, components, dataset, describe_optimizer(args, optimizer),
                                      num_batches_per_epoch=num_batches, num_epochs=num_epochs,
                                      max_train_steps=max_steps, seed=seed, started_at=started_at)
         self.run = _Run(self, accelerator, components, dataset, validation_dataset, optimizer, lr_scheduler, wrapper,
@@ -417,5 +418,4 @@ class _Run:
                 checkpoints.remove_saved_state(args.output_dir, prune_state)
 
     def _architecture(self) -> str:
-        suffix = "/lora" if self.mode.save_extension == ".safetensors" and hasattr(self.mode, "network") else ""
-        return self.family.modelspec_architecture + suffix
+        return self.family.modelspec_architecture(self.components) + self.mode.architecture_suffix
