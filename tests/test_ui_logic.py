@@ -74,7 +74,7 @@ def test_config_toml_is_what_the_script_parses(tiny_sd15_folder, demo_subset, tm
     write_dataset_toml(DatasetSettings(demo_subset, resolution=64, enable_bucket=False), dataset_config)
     config = str(tmp_path / "config.toml")
     write_run_config(run_settings(tiny_sd15_folder, dataset_config, tmp_path, network_type=NETWORK_TYPES[1]), config)
-    args = parse_training_args(get_family("sd"), "network", ["--config_file", config])
+    _, args = parse_training_args(get_family("sd"), "network", ["--config_file", config])
     assert (args.pretrained_model_name_or_path, args.dataset_config, args.output_dir, args.output_name) == \
         (tiny_sd15_folder, dataset_config, str(tmp_path), "ui_lora")
     assert (args.network_module, args.network_dim, args.network_alpha, args.network_args) == \
@@ -100,7 +100,7 @@ def test_every_preset_of_every_family_is_accepted_by_its_script(family, tmp_path
                                 model_files={flag: f"{flag}.safetensors" for flag in FAMILIES[family].model_files})
         config = str(tmp_path / "config.toml")
         write_run_config(settings, config)
-        args = parse_training_args(get_family(family), "network", ["--config_file", config])
+        _, args = parse_training_args(get_family(family), "network", ["--config_file", config])
         for flag, value in PRESETS[family][preset].items():
             assert getattr(args, flag) == value, (family, preset, flag)
 
