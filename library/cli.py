@@ -1,7 +1,8 @@
 """What every entry script runs: parse the flags for a family and mode, train, report errors.
 
 A UserError (bad config, missing file, wrong checkpoint) is printed as one line on stderr and the
-process exits with code 2, without a traceback. Anything else is a bug and keeps its traceback.
+process exits with code 2, without a traceback. A second Ctrl+C (library/training/stop_signal.py)
+exits with code 130 and one line. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import logging
 import sys
 
 from library.errors import USER_ERROR_EXIT_CODE, UserError
+
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for a process ended by Ctrl+C
 
 
 def setup_logging() -> None:
@@ -30,3 +33,7 @@ def run_training(family_name: str, mode: str, argv: list[str] | None = None) -> 
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
+    except KeyboardInterrupt:
+        print("stopped at once: files being written were discarded; earlier saves are complete and kept",
+              file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)

@@ -56,11 +56,23 @@ class Training:
             self.lines.append("<exit>")
             self.seen.notify_all()
 
-    def kill_when(self, text: str, timeout: float = 240) -> None:
+    def wait_for(self, text: str, count: int = 1, timeout: float = 240) -> None:
+        """Wait until `count` stderr lines contain `text` (the process must still be running)."""
         with self.seen:
-            found = self.seen.wait_for(lambda: any(text in line or line == "<exit>" for line in self.lines), timeout)
+            found = self.seen.wait_for(lambda: sum(text in line for line in self.lines) >= count
+                                       or self.lines[-1:] == ["<exit>"], timeout)
         output = "".join(self.lines[-20:])
         assert found and not self.lines[-1] == "<exit>", f"never saw {text!r}:\n{output}"
+
+    def exit_code(self, timeout: float = 120) -> int:
+        """Wait for the process to end and for all its stderr lines to be read."""
+        code = self.process.wait(timeout=timeout)
+        with self.seen:
+            self.seen.wait_for(lambda: self.lines[-1:] == ["<exit>"], timeout)
+        return code
+
+    def kill_when(self, text: str, timeout: float = 240) -> None:
+        self.wait_for(text, timeout=timeout)
         os.kill(self.process.pid, signal.SIGKILL)
         assert self.process.wait(timeout=60) == -signal.SIGKILL
 

@@ -47,12 +47,18 @@ def save_training_state(accelerator, folder: str, position: TrainingPosition) ->
     if accelerator.is_main_process and os.path.exists(partial):
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)  # each process writes its own RNG file into the folder
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(partial)  # each process writes its own RNG file into the folder
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _pause_for_tests()
+            record = {"format_version": STATE_FORMAT_VERSION, **asdict(position)}
+            write_text_atomic(os.path.join(partial, STATE_FILE), json.dumps(record, indent=2))
+    except KeyboardInterrupt:  # a second Ctrl+C (library/training/stop_signal.py): leave no half-written folder
+        if not os.path.exists(os.path.join(partial, STATE_FILE)):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        _pause_for_tests()
-        record = {"format_version": STATE_FORMAT_VERSION, **asdict(position)}
-        write_text_atomic(os.path.join(partial, STATE_FILE), json.dumps(record, indent=2))
         if os.path.exists(previous) and os.path.exists(folder):
             shutil.rmtree(previous)  # left by a save killed after its rename
         if os.path.exists(folder):

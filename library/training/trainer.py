@@ -23,6 +23,7 @@ from library.errors import UserError
 from library.training import checkpoints
 from library.training.modes import make_mode
 from library.training.state import TrainingPosition
+from library.training.stop_signal import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +235,8 @@ class _Run:
         self.guard = NonFiniteGuard(self.args.max_nonfinite_steps)
         self.window_losses: list[float] = []
         self.saved: list[str] = []
+        self.stop: StopRequest | None = None
+        self.stopped = False  # a stop signal ended the loop before max_steps
 
     def loop(self, position: TrainingPosition, num_epochs: int) -> None:
         from tqdm.auto import tqdm
@@ -245,14 +248,19 @@ class _Run:
                     self.max_steps, num_epochs, self.num_batches, args.gradient_accumulation_steps,
                     self.accelerator.num_processes)
         self.accelerator.init_trackers(args.log_prefix or "train")
-        if self.sampler.due_at_first(position.global_step):
-            self.sampler.sample(0, epoch=0)
-        while position.global_step < self.max_steps and position.epoch <= num_epochs:
-            epoch = position.epoch
-            position = self._run_epoch(position, progress)
-            self._after_epoch(epoch, position)
-        progress.close()
-        self._save(args.output_name, position, is_final=True)
+        with StopRequest() as self.stop:
+            if self.sampler.due_at_first(position.global_step):
+                self.sampler.sample(0, epoch=0)
+            while position.global_step < self.max_steps and position.epoch <= num_epochs and not self.stopped:
+                epoch = position.epoch
+                position = self._run_epoch(position, progress)
+                if position.epoch > epoch or not self.stopped:
+                    self._after_epoch(epoch, position)
+            progress.close()
+            if self.stopped:
+                self._save_on_stop(position)
+            else:
+                self._save(args.output_name, position, is_final=True)
         self.accelerator.end_training()
 
     def _run_epoch(self, position: TrainingPosition, progress) -> TrainingPosition:
@@ -285,6 +293,9 @@ class _Run:
             self.guard.record(step, finite, self._kept_saves())
             self._after_step(step, position)
             if step >= self.max_steps:
+                break
+            if self.stop.should_stop(self.accelerator):
+                self.stopped = True
                 break
         return position
 
@@ -370,8 +381,15 @@ class _Run:
             return "nothing was saved yet, so no file was written"
         return f"the last saves ({', '.join(self.saved[-2:])}) are kept unchanged"
 
+    def _save_on_stop(self, position: TrainingPosition) -> None:
+        stem = checkpoints.step_stem(self.args.output_name, position.global_step)
+        self._save(stem, position, with_state=True)
+        logger.warning("stopped by %s at step %d/%d: saved %s and %s; continue with --resume latest",
+                       self.stop.signal_name or "another process", position.global_step, self.max_steps,
+                       stem + self.mode.save_extension, checkpoints.state_dir_name(stem))
+
     def _save(self, stem: str, position: TrainingPosition, prune_file: str | None = None,
-              prune_state: str | None = None, is_final: bool = False) -> None:
+              prune_state: str | None = None, is_final: bool = False, with_state: bool = False) -> None:
         import os
 
         from library.training.metadata import save_time_metadata
@@ -392,7 +410,7 @@ class _Run:
             set_optimizer_train_mode(self.optimizer, True)
             if prune_file:
                 checkpoints.remove_saved_file(args.output_dir, prune_file, self.mode.save_extension)
-        if args.save_state or (is_final and args.save_state_on_train_end):
+        if with_state or args.save_state or (is_final and args.save_state_on_train_end):
             folder = checkpoints.state_dir_name(stem)
             save_training_state(accelerator, os.path.join(args.output_dir, folder), position)
             self.saved.append(folder)
