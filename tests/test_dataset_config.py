@@ -328,7 +328,6 @@ def test_command_line_names_in_a_dataset_config_name_the_key(tmp_path, key, expe
 def test_cache_info_is_accepted_and_said_to_do_nothing(tmp_path, caplog):
     make_dirs(tmp_path, "a")
     path = write(tmp_path / "ds.toml", "[general]\ncache_info = true\n" + one_subset(f'image_dir = "{tmp_path.as_posix()}/a"'))
-    dataset_config._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="library.config.dataset_config"):
         assert load_file(path).datasets[0].subsets[0].image_dir.endswith("/a")
     assert "cache_info: image sizes are read from the image headers" in caplog.text

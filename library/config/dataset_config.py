@@ -343,6 +343,10 @@ def _build_group(document: dict, source: _Source) -> DatasetGroupSpec:
         raise source.error([], "no [[datasets]]: add a [[datasets]] table with at least one [[datasets.subsets]]")
     datasets = [_build_dataset(document["general"], dataset, ["datasets", index], source)
                 for index, dataset in enumerate(document["datasets"])]
+    tables = [document["general"], *document["datasets"], *(s for d in document["datasets"] for s in d["subsets"])]
+    for key, message in WITHOUT_EFFECT_OPTIONS.items():
+        if any(table.get(key) for table in tables):
+            logger.info("%s: %s", source.name, message)
     return DatasetGroupSpec(datasets=datasets, source=source.name)
 
 
@@ -394,20 +398,11 @@ def _build_subset(options: dict, table: dict, path: list, source: _Source) -> Su
     folders = {key: _existing_path(table, key, path, source)
                for key in ("image_dir", "metadata_file", "conditioning_data_dir")}
     for key in WITHOUT_EFFECT_OPTIONS:
-        if options.pop(key, False):
-            _log_once(WITHOUT_EFFECT_OPTIONS[key])
+        options.pop(key, None)
     captions = CaptionOptions(**{key: value for key, value in options.items() if key in _CAPTION_FIELDS})
     others = {key: value for key, value in options.items() if key not in _CAPTION_FIELDS}
     return SubsetSpec(**folders, is_reg=table.get("is_reg", False), captions=captions, **others)
 
-
-_LOGGED: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logger.info(message)
 
 
 def _existing_path(table: dict, key: str, path: list, source: _Source) -> str | None:
