@@ -183,11 +183,15 @@ def test_sd_scripts_masked_loss_example_loads(flat_folder, tmp_path):
 
 @pytest.mark.parametrize("family, model_fixture, extra", [
     ("sd", "tiny_sd15_folder", []),
+    ("sdxl", "tiny_sdxl_folder", []),
     ("flux", "tiny_flux_folder", ["--t5xxl_max_token_length", "16"]),
+    ("sd3", "tiny_sd3_folder", ["--t5xxl_max_token_length", "16"]),
+    ("lumina", "tiny_lumina_folder", ["--gemma2_max_token_length", "48"]),
 ])
 def test_all_zero_masks_train_nothing(family, model_fixture, extra, flat_folder, tmp_path, request):
-    """Through a family's real loss: with every mask pixel 0 no gradient reaches the LoRA, whose up
-    weights (initialised to zero) stay zero; without --masked_loss they move."""
+    """Through each family's real loss (latents, noise scheme, denoiser, unpacking): with every mask pixel 0
+    no gradient reaches the LoRA, whose up weights (initialised to zero) stay zero; without --masked_loss
+    they move."""
     model = request.getfixturevalue(model_fixture)
     masks = write_masks(tmp_path / "masks", CAPTIONS, size=(64, 64))
     for name in CAPTIONS:
@@ -214,3 +218,17 @@ def tiny_flux_folder(tmp_path_factory):
     from library.tiny_models.flux import save_tiny_flux_pipeline
 
     return save_tiny_flux_pipeline(str(tmp_path_factory.mktemp("tiny_flux") / "folder"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_folder(tmp_path_factory):
+    from library.tiny_models.sd3 import save_tiny_sd3_pipeline
+
+    return save_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny_sd3") / "folder"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lumina_folder(tmp_path_factory):
+    from library.tiny_models.lumina import save_tiny_lumina_pipeline
+
+    return save_tiny_lumina_pipeline(str(tmp_path_factory.mktemp("tiny_lumina") / "folder"))
