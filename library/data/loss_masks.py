@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Optional
 
-from library.data.images import IMAGE_EXTENSIONS, load_image, resize_image
+from library.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, resize_image
 from library.errors import UserError
 
 if TYPE_CHECKING:
@@ -50,7 +50,10 @@ def load_entry_image(entry: "ImageEntry") -> "Image.Image":
     image = load_image(entry.image_path)
     if entry.mask_path is None:
         return image
-    mask = load_image(entry.mask_path).getchannel("R")
+    try:
+        mask = load_image(entry.mask_path).getchannel("R")
+    except ImageLoadError as e:
+        raise ImageLoadError(entry.image_path, f"its loss mask cannot be read: {e.reason} ({entry.mask_path})") from e
     mask = resize_image(mask, image.size)
     image = image.convert("RGB")
     image.putalpha(mask)
