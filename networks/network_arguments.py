@@ -37,7 +37,10 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                        help="dropout probability on the LoRA down projection's output while training")
     group.add_argument("--network_args", nargs="*", default=None, metavar="KEY=VALUE",
                        help="extra LoRA settings: conv_dim, conv_alpha, rank_dropout, module_dropout, "
-                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio")
+                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio; per-block "
+                            "(SD/SDXL): block_dims, block_alphas, conv_block_dims, conv_block_alphas, "
+                            "down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold; family keys "
+                            "(FLUX, SD3) in the family guides")
     group.add_argument("--network_weights", default=None,
                        help="LoRA file (.safetensors) to start from; its ranks and alphas must match the flags")
     group.add_argument("--network_train_unet_only", action="store_true",
