@@ -156,3 +156,34 @@ def test_full_fine_tune_writes_ema_model(tiny_sd15_folder, demo_image_root, tmp_
     assert changed  # the UNet trained
     for key in ema:
         torch.testing.assert_close(ema[key], 0.5 * first[key] + 0.5 * last[key], rtol=0, atol=1e-6)
+
+
+def tiny_model(family, folder):
+    if family == "flux":
+        from library.tiny_models.flux import save_tiny_flux_pipeline
+
+        return save_tiny_flux_pipeline(folder), ["--t5xxl_max_token_length", "16"]
+    if family == "sd3":
+        from library.tiny_models.sd3 import save_tiny_sd3_pipeline
+
+        return save_tiny_sd3_pipeline(folder, dual_attention=True), ["--t5xxl_max_token_length", "16"]
+    from library.tiny_models.lumina import save_tiny_lumina_pipeline
+
+    return save_tiny_lumina_pipeline(folder), ["--gemma2_max_token_length", "48"]
+
+
+@pytest.mark.parametrize("family, mode", [("flux", "network"), ("sd3", "full"), ("lumina", "full")])
+def test_ema_in_other_families(family, mode, demo_image_root, tmp_path):
+    model, family_flags = tiny_model(family, str(tmp_path / "model"))
+    network = ["--network_module", "networks.lora", "--network_dim", "2"] if mode == "network" else []
+    run_training(family, mode, [
+        "--pretrained_model_name_or_path", model, "--train_data_dir", demo_image_root, "--resolution", "64",
+        "--output_dir", str(tmp_path / "out"), "--output_name", "out", "--seed", "3", "--train_batch_size", "2",
+        "--learning_rate", "1e-3", "--max_train_steps", "2", "--save_every_n_steps", "1", "--cache_latents_to_disk",
+        *family_flags, *network, "--ema", "--ema_decay", "0.5", "--ema_warmup", "none"])
+    out = tmp_path / "out"
+    first, last = load_file(out / "out-step00000001.safetensors"), load_file(out / "out.safetensors")
+    ema = load_file(out / "out-ema.safetensors")
+    assert set(ema) == set(last) and any(not torch.equal(first[k], last[k]) for k in ema)
+    for key in ema:
+        torch.testing.assert_close(ema[key], 0.5 * first[key] + 0.5 * last[key], rtol=0, atol=1e-6)
