@@ -327,6 +327,9 @@ class LoRANetwork(nn.Module):
         module = self._by_name[name]
         rank_flag, alpha_flag = (("--network_args conv_dim", "--network_args conv_alpha")
                                  if name in self._conv3x3_names else ("--network_dim", "--network_alpha"))
+        if any(plan.block_of(name) is not None for plan in self._plans.values()):
+            conv = "conv_" if name in self._conv3x3_names else ""
+            rank_flag, alpha_flag = f"--network_args {conv}block_dims", f"--network_args {conv}block_alphas"
         file_rank = file_module.down.shape[0]
         if file_rank != module.rank:
             raise UserError(f"{path}: module `{name}` has rank {file_rank} but {rank_flag} is {module.rank}; "

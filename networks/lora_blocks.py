@@ -135,10 +135,12 @@ class BlockPlan:
         if not given:
             return None
         if layout is None:
-            raise UserError(f"--network_args {next(iter(given))}: this model has no numbered UNet blocks (SD 1.x/2.x "
-                            "and SDXL have them); see docs/training.md for this family's own keys")
+            raise UserError(f"--network_args {next(iter(given))}: no trained UNet with numbered blocks (SD 1.x/2.x and "
+                            "SDXL UNets have them); see docs/training.md for this family's own keys")
         if "conv_block_alphas" in given and "conv_block_dims" not in given:
             raise UserError("--network_args conv_block_alphas needs conv_block_dims")
+        if "block_lr_zero_threshold" in given and not any(key in given for key in LR_WEIGHT_KEYS):
+            raise UserError("--network_args block_lr_zero_threshold needs down_lr_weight, mid_lr_weight or up_lr_weight")
         count = layout.count
         dims = _per_block("block_dims", given, count, dim)
         conv_dims = _per_block("conv_block_dims", given, count, conv_dim)

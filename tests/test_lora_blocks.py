@@ -109,7 +109,9 @@ def test_block_args_errors():
     unet = [LoraTarget("lora_unet", pipe.unet, ("Transformer2DModel",), block_layout=SD_UNET_BLOCKS)]
     with pytest.raises(UserError, match="3 values given, this model has 25 blocks"):
         create_network(unet, network_dim=4, network_alpha=1, network_args={"block_dims": "1,2,3"})
-    with pytest.raises(UserError, match="no numbered UNet blocks"):
+    with pytest.raises(UserError, match="block_lr_zero_threshold needs"):
+        create_network(unet, network_dim=4, network_alpha=1, network_args={"block_lr_zero_threshold": "0.1"})
+    with pytest.raises(UserError, match="no trained UNet with numbered blocks"):
         create_network([LoraTarget("lora_unet", pipe.unet, ("Transformer2DModel",))], network_dim=4,
                        network_alpha=1, network_args={"block_dims": ",".join(["1"] * 25)})
     with pytest.raises(UserError, match="preset"):
@@ -182,10 +184,22 @@ def test_sd3_family_keys_are_validated(demo_image_root, tmp_path, capsys):
     folder = save_tiny_sd3_pipeline(str(tmp_path / "sd35"), dual_attention=True)
     for network_args, message in ((["train_block_indices=5"], "block 5 does not exist"),
                                   (["emb_dims=4,0,0,0,0,0"], "emb_dims"),
-                                  (["block_dims=" + ",".join(["1"] * 25)], "no numbered UNet blocks")):
+                                  (["block_dims=" + ",".join(["1"] * 25)], "no trained UNet with numbered blocks")):
         with pytest.raises(SystemExit):
             run_training("sd3", "network", [
                 "--pretrained_model_name_or_path", folder, "--train_data_dir", demo_image_root, "--resolution", "64",
                 "--output_dir", str(tmp_path / "out"), "--t5xxl_max_token_length", "16", "--max_train_steps", "1",
                 "--network_module", "networks.lora", "--network_train_unet_only", "--network_args", *network_args])
         assert message in capsys.readouterr().err
+
+
+def test_network_weights_with_other_block_ranks_names_the_block_key(tmp_path):
+    pipe = tiny_sd15_pipeline()
+    unet = [LoraTarget("lora_unet", pipe.unet, ("Transformer2DModel",), block_layout=SD_UNET_BLOCKS)]
+    saved = create_network(unet, network_dim=4, network_alpha=1, network_args={"block_dims": ",".join(["2"] * 25)})
+    saved.save_weights(str(tmp_path / "blocks.safetensors"), None, {})
+    again = create_network(unet, network_dim=4, network_alpha=1, network_args={"block_dims": ",".join(["2"] * 25)})
+    assert again.load_weights(str(tmp_path / "blocks.safetensors")) == len(saved.modules_by_name)
+    other = create_network(unet, network_dim=4, network_alpha=1, network_args={"block_dims": ",".join(["3"] * 25)})
+    with pytest.raises(UserError, match="rank 2 but --network_args block_dims is 3"):
+        other.load_weights(str(tmp_path / "blocks.safetensors"))
