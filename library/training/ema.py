@@ -126,7 +126,15 @@ class EMATracker:
     def update(self, step: int) -> None:
         """After optimizer step `step` (1-based) succeeded."""
         if self.enabled and step % self.every == 0:
+            self._follow_devices()
             self.model.step(self.parameters)
+
+    def _follow_devices(self) -> None:
+        """Keep each shadow tensor where its weight is (block swap may hold a block elsewhere than at start)."""
+        shadows = self.model.shadow_params
+        for i, (shadow, weight) in enumerate(zip(shadows, self.parameters)):
+            if shadow.device != weight.device:
+                shadows[i] = shadow.to(weight.device)
 
     @contextmanager
     def applied(self):
