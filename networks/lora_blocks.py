@@ -150,7 +150,8 @@ class BlockPlan:
         if lr_weights is not None:  # sd-scripts: a block that does not learn gets no module
             dims = [0 if w == 0 else d for d, w in zip(dims, lr_weights)]
             conv_dims = conv_dims and [0 if w == 0 else d for d, w in zip(conv_dims, lr_weights)]
-        return cls(layout, dims, _per_block("block_alphas", given, count, alpha), conv_dims, conv_alphas, lr_weights)
+        alphas = _per_block("block_alphas", given, count, alpha)
+        return cls(layout, dims, alphas, conv_dims, conv_alphas, lr_weights)
 
     @property
     def with_conv3x3(self) -> bool:

@@ -94,7 +94,8 @@ def lora_run(model, images, output_dir, *extra):
 
 def test_lora_ema_file_equals_average_of_step_saves(tiny_sd15_folder, demo_image_root, tmp_path):
     lora_run(tiny_sd15_folder, demo_image_root, tmp_path, "--save_every_n_steps", "1")
-    steps = [load_file(tmp_path / f"out-step{n:08d}.safetensors") for n in (1, 2, 3)] + [load_file(tmp_path / "out.safetensors")]
+    steps = [load_file(tmp_path / f"out-step{n:08d}.safetensors") for n in (1, 2, 3)]
+    steps.append(load_file(tmp_path / "out.safetensors"))
     ema = load_file(tmp_path / "out-ema.safetensors")
     assert set(ema) == set(steps[-1])
     for key in ema:
@@ -102,7 +103,8 @@ def test_lora_ema_file_equals_average_of_step_saves(tiny_sd15_folder, demo_image
         for weights in steps[1:]:
             expected = 0.5 * expected + 0.5 * weights[key]
         torch.testing.assert_close(ema[key], expected, rtol=0, atol=1e-7)
-    assert not torch.equal(ema[next(k for k in ema if "lora_up" in k)], steps[-1][next(k for k in ema if "lora_up" in k)])
+    up = next(k for k in ema if "lora_up" in k)
+    assert not torch.equal(ema[up], steps[-1][up])
     assert (tmp_path / "out-step00000002-ema.safetensors").exists()
 
 

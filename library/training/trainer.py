@@ -3,8 +3,8 @@
 It wires the pieces together: dataset specs -> TrainDataset (+ validation split, latent and
 text-encoder caches) -> per-batch loss (library/training/step_loss.py: the family's strategies,
 noise scheme and denoiser call) -> optimizer -> periodic saves, resumable states, sample images
-(sampling.py), validation loss (validation.py) and the EMA of the trained weights (ema.py). Several processes split every global batch
-(distributed.py). It never branches on a family: everything model-specific comes from the family
+(sampling.py), validation loss (validation.py) and the EMA of the trained weights (ema.py). Several
+processes split every global batch (distributed.py). It never branches on a family: everything model-specific comes from the family
 object; everything mode-specific (LoRA or full weights) from the mode.
 """
 
