@@ -108,6 +108,7 @@ def validate_caching_flags(args: argparse.Namespace) -> None:
 
 def build_parser(family, mode: str) -> argparse.ArgumentParser:
     from library.config.dataset_args import add_dataset_arguments
+    from library.config.sd_scripts_compat import add_compat_arguments
     from library.data.dataset import add_caching_arguments, add_data_loading_arguments
     from library.data.text_encoder_cache import add_text_encoder_cache_arguments
     from library.training.lr_schedulers import add_lr_scheduler_arguments
@@ -135,6 +136,7 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
         add_network_arguments(parser)
     else:
         add_full_finetune_arguments(parser)
+    add_compat_arguments(parser, family.name, mode)
     return parser
 
 
@@ -142,6 +144,7 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     """Parse and validate a training run's flags; returns (the family configured with its validated
     settings for this mode, the arguments)."""
     from library.config.config_file import parse_args_with_config_file
+    from library.config.sd_scripts_compat import log_accepted_flags
     from library.data.text_encoder_cache import validate_text_cache_args
     from library.training.modes import MODE_KINDS
     from library.training.sampling import validate_sampling_args
@@ -151,6 +154,7 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
         raise ValueError(f"unknown training mode {mode!r}")
     kind = MODE_KINDS[mode]
     args = parse_args_with_config_file(build_parser(family, mode), argv)
+    log_accepted_flags(args, family.name, mode)
     validate_general_args(args)
     validate_sampling_args(args)
     validate_validation_args(args)

@@ -1,0 +1,257 @@
+"""sd-scripts flags that training scripts do not honour: the refusal table, and the flags accepted as no-ops.
+
+Every flag sd-scripts defines for a script we have is either parsed with the same meaning, or listed
+here. `REFUSED` maps a flag to why we do not take it and what to use instead; the parser knows these
+flags (hidden from --help) so a command line or `--config_file` naming one stops with that line, all
+refusals and unknown flags reported together. `ACCEPTED` lists flags that only select something we
+already do (`--sdpa`: attention already runs on PyTorch's scaled-dot-product kernels); they parse and
+log one line saying so. An entry may be limited to some families or modes; where a flag is parsed
+for a script, its entry must not apply to that script (tests/test_sd_scripts_flags.py checks this
+against sd-scripts' own flag lists). docs/sd_scripts.md prints both tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from library.errors import did_you_mean
+
+logger = logging.getLogger(__name__)
+
+ALL_FAMILIES = ("sd", "sdxl", "flux", "sd3", "lumina")
+ALL_MODES = ("network", "full")
+NOT_YET = "not in this version"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a flag is refused and what to use instead; `families`/`modes` empty = everywhere."""
+
+    reason: str
+    instead: str
+    families: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
+
+    def applies(self, family: str, mode: str) -> bool:
+        return (not self.families or family in self.families) and (not self.modes or mode in self.modes)
+
+    def line(self, flag: str) -> str:
+        return f"--{flag}: {self.reason}; {self.instead}"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A flag that selects what we already do: parsed, and logged once with `note`."""
+
+    note: str
+    takes_value: bool = False
+    families: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
+
+    def applies(self, family: str, mode: str) -> bool:
+        return (not self.families or family in self.families) and (not self.modes or mode in self.modes)
+
+
+_DIT = ("flux", "sd3", "lumina")
+_HUB = Refusal("uploading to the Hugging Face Hub is not built in",
+               "upload the output folder afterwards with `huggingface-cli upload`")
+_DEEPSPEED = Refusal("DeepSpeed is not supported", "train on several GPUs with `accelerate launch` (DDP) and "
+                     "lower memory with --gradient_checkpointing, --blocks_to_swap or a smaller batch")
+_DDP = Refusal("DDP options are not exposed", "set them in your accelerate config (`accelerate config`)")
+_COMPILE = Refusal(f"torch.compile is {NOT_YET}", "train without it")
+_METADATA = Refusal(f"model-spec metadata fields are {NOT_YET}",
+                    "the trained file carries sd-scripts' ss_* training metadata; edit fields with a safetensors tool")
+_FP8 = Refusal(f"fp8/quantized base weights for this family are {NOT_YET}",
+               "use --mixed_precision bf16 (and --gradient_checkpointing) to save memory")
+
+REFUSED: dict[str, Refusal] = {
+    # saving, uploading, bookkeeping
+    "huggingface_repo_id": _HUB, "huggingface_repo_type": _HUB, "huggingface_path_in_repo": _HUB,
+    "huggingface_token": _HUB, "huggingface_repo_visibility": _HUB, "save_state_to_huggingface": _HUB,
+    "resume_from_huggingface": _HUB, "async_upload": _HUB,
+    "save_n_epoch_ratio": Refusal(NOT_YET, "use --save_every_n_epochs"),
+    "output_config": Refusal("writing the arguments to a TOML file is " + NOT_YET,
+                             "write the `--config_file` TOML by hand (keys are flag names without dashes)"),
+    "use_safetensors": Refusal("files are always written as safetensors", "drop the flag"),
+    "no_metadata": Refusal("the LoRA metadata is always written (loaders and our tools read it)", "drop the flag"),
+    "training_comment": Refusal(f"a free-text metadata comment is {NOT_YET}", "drop the flag"),
+    "metadata_title": _METADATA, "metadata_author": _METADATA, "metadata_description": _METADATA,
+    "metadata_license": _METADATA, "metadata_tags": _METADATA,
+    "tokenizer_cache_dir": Refusal("tokenizers are read from the model folder or the Hugging Face cache",
+                                   "set HF_HOME to choose the cache folder"),
+    # distributed and speed
+    "deepspeed": _DEEPSPEED, "zero_stage": _DEEPSPEED, "offload_optimizer_device": _DEEPSPEED,
+    "offload_optimizer_nvme_path": _DEEPSPEED, "offload_param_device": _DEEPSPEED,
+    "offload_param_nvme_path": _DEEPSPEED, "zero3_init_flag": _DEEPSPEED, "zero3_save_16bit_model": _DEEPSPEED,
+    "fp16_master_weights_and_gradients": _DEEPSPEED,
+    "ddp_timeout": _DDP, "ddp_gradient_as_bucket_view": _DDP, "ddp_static_graph": _DDP,
+    "torch_compile": _COMPILE, "dynamo_backend": _COMPILE,
+    "use_flash_attn": Refusal("FlashAttention is chosen by PyTorch's scaled_dot_product_attention when it fits",
+                              "drop the flag", families=("lumina",)),
+    "use_sage_attn": Refusal("SageAttention is not supported", "drop the flag (PyTorch SDPA is used)",
+                             families=("lumina",)),
+    # memory features other versions add
+    "fp8_base": Refusal(_FP8.reason, _FP8.instead, families=("sd", "sdxl", "sd3", "lumina")),
+    "fp8_base_unet": Refusal(_FP8.reason, _FP8.instead, families=("sd", "sdxl", "sd3", "lumina")),
+    "fused_backward_pass": Refusal(NOT_YET, "use --gradient_checkpointing and --blocks_to_swap to save memory"),
+    "fused_optimizer_groups": Refusal(NOT_YET, "use --gradient_checkpointing and --blocks_to_swap to save memory"),
+    "blockwise_fused_optimizers": Refusal(NOT_YET, "use --gradient_checkpointing and --blocks_to_swap to save memory"),
+    "cpu_offload_checkpointing": Refusal(NOT_YET, "use --blocks_to_swap to keep blocks in CPU memory"),
+    "blocks_to_swap": Refusal("block swap is for the large transformer families", "drop the flag",
+                              families=("sd", "sdxl")),
+    "split_mode": Refusal("sd-scripts replaced it with --blocks_to_swap", "use --blocks_to_swap",
+                          families=("flux",)),
+    "mem_eff_save": Refusal("saves are already streamed tensor by tensor", "drop the flag", modes=("full",)),
+    # data
+    "cache_info": Refusal(NOT_YET, "drop the flag (the image sizes are read from file headers, which is fast)"),
+    "face_crop_aug_range": Refusal(NOT_YET, "crop images around faces beforehand"),
+    "debug_dataset": Refusal(NOT_YET, "run tools/cache_latents.py to check that every image loads"),
+    "dataset_class": Refusal("custom dataset classes are not supported", "describe the data in a --dataset_config TOML"),
+    "caption_extention": Refusal("sd-scripts' old misspelling", "use --caption_extension"),
+    "skip_latents_validity_check": Refusal("cache files are always checked against their images",
+                                           "use --skip_cache_check to skip the content check", modes=("full",)),
+    "text_encoder_batch_size": Refusal(NOT_YET, "text-encoder outputs are cached with the training batch size",
+                                       families=_DIT),
+    # network options
+    "dim_from_weights": Refusal(NOT_YET, "give --network_dim equal to the rank of --network_weights",
+                                modes=("network",)),
+    "scale_weight_norms": Refusal(NOT_YET, "drop the flag (max-norm regularisation)", modes=("network",)),
+    "base_weights": Refusal(NOT_YET, "merge that LoRA into the model first with tools/merge_lora.py",
+                            modes=("network",)),
+    "base_weights_multiplier": Refusal(NOT_YET, "merge that LoRA into the model first with tools/merge_lora.py",
+                                       modes=("network",)),
+    # training loop and schedule
+    "initial_epoch": Refusal(NOT_YET, "use --resume with a saved state to continue a run", modes=("network",)),
+    "initial_step": Refusal(NOT_YET, "use --resume with a saved state to continue a run", modes=("network",)),
+    "skip_until_initial_step": Refusal(NOT_YET, "use --resume with a saved state to continue a run",
+                                       modes=("network",)),
+    "lr_decay_steps": Refusal(f"the warmup_stable_decay schedule is {NOT_YET}",
+                              "use --lr_scheduler cosine or linear, or --lr_scheduler_type with --lr_scheduler_args"),
+    "lr_scheduler_timescale": Refusal(f"the inverse_sqrt schedule is {NOT_YET}",
+                                      "use --lr_scheduler_type with --lr_scheduler_args"),
+    "lr_scheduler_min_lr_ratio": Refusal(f"cosine_with_min_lr / warmup_stable_decay are {NOT_YET}",
+                                         "use --lr_scheduler_type with --lr_scheduler_args"),
+    "lowram": Refusal("models are loaded tensor by tensor into their final device already", "drop the flag"),
+    # logging
+    "log_tracker_config": Refusal(f"tracker config files are {NOT_YET}", "configure wandb with its environment variables"),
+    "wandb_api_key": Refusal("an API key on the command line or in a config file is easily leaked",
+                             "run `wandb login` once or set WANDB_API_KEY"),
+    # model options a family does not have
+    "v2": Refusal("Stable Diffusion 2.x is trained with sd_train_network.py / sd_train.py", "drop the flag",
+                  families=("sdxl",) + _DIT),
+    "v_parameterization": Refusal("v-prediction is an SD 1.x/2.x/SDXL option", "drop the flag", families=_DIT),
+    "clip_skip": Refusal("SDXL always uses the penultimate layer of both text encoders (sd-scripts ignores "
+                         "clip_skip there too)", "drop the flag", families=("sdxl",) + _DIT),
+    "max_token_length": Refusal("this family's token length has its own flag",
+                                "use --t5xxl_max_token_length (FLUX/SD3) or --gemma2_max_token_length (Lumina)",
+                                families=_DIT),
+    "weighted_captions": Refusal("prompt weighting is an SD 1.x/2.x option (sd-scripts refuses it here too)",
+                                 "write captions without (word:1.2) weights", families=("sdxl",) + _DIT),
+    "vae": Refusal("this family reads its autoencoder from --ae (FLUX, Lumina) or from the checkpoint (SD3)",
+                   "use --ae, or drop the flag for SD3", families=_DIT),
+    "controlnet_model_name_or_path": Refusal("ControlNet training is not supported", "drop the flag",
+                                             families=("flux",)),
+    "no_half_vae": Refusal("the VAE of this family runs in fp32 when latents are cached; without caching it follows "
+                           "--mixed_precision", "drop the flag", families=_DIT),
+    "save_clip": Refusal("text encoders are saved with the model when they are trained", "drop the flag",
+                         families=("sd3",)),
+    "save_t5xxl": Refusal("text encoders are saved with the model when they are trained", "drop the flag",
+                          families=("sd3",)),
+    "t5xxl_device": Refusal("T5-XXL runs on the training device (or is cached with --cache_text_encoder_outputs)",
+                            "drop the flag", families=("sd3",)),
+    "t5xxl_dtype": Refusal("T5-XXL follows --mixed_precision", "drop the flag", families=("sd3",)),
+    "sample_batch_size": Refusal("sample images are generated one at a time", "drop the flag", families=("lumina",)),
+    "pos_emb_random_crop_rate": Refusal(NOT_YET, "drop the flag", families=("sd3",)),
+    "enable_scaled_pos_embed": Refusal(NOT_YET, "drop the flag", families=("sd3",)),
+    "num_last_block_to_freeze": Refusal(NOT_YET, "drop the flag", families=("sd3",), modes=("full",)),
+    "train_t5xxl": Refusal(f"training T5-XXL is {NOT_YET}", "drop the flag", families=("sd3",), modes=("full",)),
+    "learning_rate_te1": Refusal("per-encoder learning rates of a full fine-tune exist for SDXL only",
+                                 "use --learning_rate_te", families=("sd", "flux", "sd3", "lumina"), modes=("full",)),
+    "learning_rate_te2": Refusal("per-encoder learning rates of a full fine-tune exist for SDXL only",
+                                 "use --learning_rate_te", families=("sd", "flux", "sd3", "lumina"), modes=("full",)),
+    "learning_rate_te3": Refusal("per-encoder learning rates of a full fine-tune exist for SDXL only",
+                                 "use --learning_rate_te", families=("sd3",), modes=("full",)),
+    "block_lr": Refusal(f"per-block learning rates of a full fine-tune are {NOT_YET}", "use one --learning_rate",
+                        families=("sdxl",), modes=("full",)),
+}
+
+ACCEPTED: dict[str, Accepted] = {
+    "sdpa": Accepted("attention already runs on PyTorch's scaled_dot_product_attention (the default)"),
+    "mem_eff_attn": Accepted("attention already runs on PyTorch's memory-efficient scaled_dot_product_attention"),
+    "highvram": Accepted("the CUDA cache is not cleared between caching batches anyway"),
+    "disable_mmap_load_safetensors": Accepted(
+        "safetensors files are read tensor by tensor through safetensors' own reader whatever this flag says"),
+    "console_log_simple": Accepted("log lines are already plain `LEVEL name: message` text"),
+    "persistent_data_loader_workers": Accepted(
+        "the data loader is rebuilt each epoch to resume mid-epoch exactly; the flag changes nothing"),
+}
+
+
+def refusal_for(flag: str, family: str, mode: str) -> Optional[Refusal]:
+    entry = REFUSED.get(flag)
+    return entry if entry is not None and entry.applies(family, mode) else None
+
+
+def applicable_refusals(family: str, mode: str) -> dict[str, Refusal]:
+    return {flag: entry for flag, entry in REFUSED.items() if entry.applies(family, mode)}
+
+
+def applicable_accepted(family: str, mode: str) -> dict[str, Accepted]:
+    return {flag: entry for flag, entry in ACCEPTED.items() if entry.applies(family, mode)}
+
+
+class _RefusedFlag(argparse.Action):
+    """A refused flag: swallows its values and records its name, so the parser reports it with its reason."""
+
+    def __init__(self, option_strings, dest, refusal: Refusal, **kwargs):
+        self.refusal = refusal
+        super().__init__(option_strings, dest, nargs="*", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        refused = list(getattr(namespace, REFUSED_DEST, []))
+        refused.append(self.option_strings[0].lstrip("-"))
+        setattr(namespace, REFUSED_DEST, refused)
+
+
+REFUSED_DEST = "sd_scripts_refused_flags"
+
+
+def is_refused_action(action: argparse.Action) -> bool:
+    return isinstance(action, _RefusedFlag)
+
+
+def add_compat_arguments(parser: argparse.ArgumentParser, family: str, mode: str) -> None:
+    """The accepted no-op flags (shown in --help) and the refused ones (hidden) that apply here and
+    that the parser does not already parse."""
+    parsed = {option.lstrip("-") for action in parser._actions for option in action.option_strings}
+    accepted = {flag: entry for flag, entry in applicable_accepted(family, mode).items() if flag not in parsed}
+    if accepted:
+        group = parser.add_argument_group("accepted for sd-scripts compatibility (no effect here)")
+        for flag, entry in accepted.items():
+            if entry.takes_value:
+                group.add_argument(f"--{flag}", default=None, help=entry.note)
+            else:
+                group.add_argument(f"--{flag}", action="store_true", help=entry.note)
+    for flag, entry in applicable_refusals(family, mode).items():
+        if flag not in parsed:
+            parser.add_argument(f"--{flag}", action=_RefusedFlag, dest=REFUSED_DEST, refusal=entry)
+
+
+def log_accepted_flags(args: argparse.Namespace, family: str, mode: str) -> None:
+    """One log line per accepted no-op flag the user gave."""
+    for flag, entry in applicable_accepted(family, mode).items():
+        if getattr(args, flag, None):
+            logger.info("--%s: accepted for sd-scripts compatibility; %s", flag, entry.note)
+
+
+def problem_line(name: str, parser: argparse.ArgumentParser) -> str:
+    """Why `name` cannot be used: its refusal line, or 'no such flag' with the closest flag."""
+    for action in parser._actions:
+        if is_refused_action(action) and action.option_strings[0].lstrip("-") == name:
+            return action.refusal.line(name)
+    known = [option.lstrip("-") for action in parser._actions if not is_refused_action(action)
+             for option in action.option_strings if option.startswith("--")]
+    return f"--{name}: no such flag in this script{did_you_mean(name, known)}"

@@ -1,0 +1,142 @@
+"""sd-scripts' flags (tests/data/sd_scripts_flags/*.txt) are each parsed by our script or refused with a reason.
+
+Also: no flag is both parsed and in the refusal table (a stale entry after a feature lands), and a
+command line or config file naming refused, accepted or unknown flags answers as documented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pytest
+
+from library.config.arguments import build_parser, parse_training_args
+from library.config.sd_scripts_compat import ACCEPTED, REFUSED, applicable_accepted, applicable_refusals, \
+    is_refused_action
+from library.errors import UserError
+from library.families import get_family
+
+FLAG_LISTS = Path(__file__).parent / "data" / "sd_scripts_flags"
+TRAINING_SCRIPTS = {
+    "sd_train_network": ("sd", "network"), "sdxl_train_network": ("sdxl", "network"),
+    "flux_train_network": ("flux", "network"), "sd3_train_network": ("sd3", "network"),
+    "lumina_train_network": ("lumina", "network"), "sd_train": ("sd", "full"), "sdxl_train": ("sdxl", "full"),
+    "sd3_train": ("sd3", "full"), "lumina_train": ("lumina", "full"),
+}
+
+
+def read_flag_list(name: str) -> list[str]:
+    lines = (FLAG_LISTS / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def parsed_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Flags the parser honours (or accepts as no-ops), not the hidden refused ones."""
+    return {option.lstrip("-") for action in parser._actions if not is_refused_action(action)
+            for option in action.option_strings}
+
+
+def own_parser_names(family: str, mode: str) -> set[str]:
+    """What the script parses before the compatibility flags are added."""
+    parser = build_parser(get_family(family), mode)
+    return {option.lstrip("-") for action in parser._actions if not is_refused_action(action)
+            and not _is_accepted_action(action) for option in action.option_strings}
+
+
+def _is_accepted_action(action) -> bool:
+    return any(option.lstrip("-") in ACCEPTED for option in action.option_strings) and \
+        action.container.title is not None and "sd-scripts compatibility" in action.container.title
+
+
+def test_every_list_has_its_commit_header():
+    for path in FLAG_LISTS.glob("*.txt"):
+        assert "kohya-ss/sd-scripts" in path.read_text(encoding="utf-8").splitlines()[0]
+        assert read_flag_list(path.stem), path
+
+
+@pytest.mark.parametrize("script", sorted(TRAINING_SCRIPTS))
+def test_every_sd_scripts_flag_is_parsed_or_refused(script):
+    family, mode = TRAINING_SCRIPTS[script]
+    parsed = parsed_names(build_parser(get_family(family), mode))
+    refused = applicable_refusals(family, mode)
+    missing = [name for name in read_flag_list(script) if name not in parsed and name not in refused]
+    assert missing == [], f"{script}.py: sd-scripts flags neither parsed nor refused: {missing}"
+
+
+@pytest.mark.parametrize("script", sorted(TRAINING_SCRIPTS))
+def test_no_flag_is_both_parsed_and_refused(script):
+    """Fails when a feature lands and its refusal entry (or its no-op entry) was not removed or narrowed."""
+    family, mode = TRAINING_SCRIPTS[script]
+    own = own_parser_names(family, mode)
+    stale = sorted(set(applicable_refusals(family, mode)) & own)
+    stale += sorted(set(applicable_accepted(family, mode)) & own)
+    assert stale == [], f"{script}.py parses these flags, yet the compatibility table still lists them: {stale}"
+
+
+def test_every_table_entry_applies_somewhere_and_explains_itself():
+    for flag, entry in {**REFUSED, **ACCEPTED}.items():
+        scripts = [s for s, (family, mode) in TRAINING_SCRIPTS.items() if entry.applies(family, mode)]
+        assert scripts, flag
+    for flag, entry in REFUSED.items():
+        assert entry.reason and entry.instead, flag
+
+
+def _parse(family, mode, argv):
+    return parse_training_args(get_family(family), mode, argv)
+
+
+def test_refused_and_unknown_flags_are_reported_together(tmp_path):
+    argv = ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", str(tmp_path),
+            "--huggingface_repo_id", "me/model", "--learnin_rate", "1e-4", "--deepspeed", "--frobnicate", "3"]
+    with pytest.raises(UserError) as error:
+        _parse("sd", "network", argv)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "3 flags or keys cannot be used:"
+    assert lines[1].strip() == ("--huggingface_repo_id: uploading to the Hugging Face Hub is not built in; upload "
+                                "the output folder afterwards with `huggingface-cli upload`")
+    assert lines[2].strip().startswith("--deepspeed: DeepSpeed is not supported;")
+    assert lines[3].strip() == "--learnin_rate: no such flag in this script (did you mean `learning_rate`?)" \
+        or "--learnin_rate" in " ".join(lines)
+    assert any(line.strip() == "--frobnicate: no such flag in this script" for line in lines)
+
+
+def test_config_file_reports_every_unknown_and_refused_key(tmp_path):
+    config = tmp_path / "args.toml"
+    config.write_text('[model]\npretrained_model_name_or_path = "m.safetensors"\noutput_dir = "out"\n'
+                      '[extra]\nlearning_rat = 1e-4\nhuggingface_repo_id = "me/x"\nnetwork_dimm = 4\n',
+                      encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        _parse("sd", "network", ["--config_file", str(config)])
+    message = str(error.value)
+    assert message.startswith("3 flags or keys cannot be used:")
+    assert f"{config}: unknown key `extra.learning_rat`: no flag --learning_rat in this script " \
+           "(did you mean `learning_rate`?)" in message
+    assert f"{config}: `extra.huggingface_repo_id`: uploading to the Hugging Face Hub is not built in" in message
+    assert "did you mean `network_dim`?" in message
+
+
+def test_a_refused_flag_is_matched_exactly_not_as_an_abbreviation(tmp_path):
+    """`--vae` on FLUX must be refused, not read as an abbreviation of --vae_batch_size."""
+    with pytest.raises(UserError, match=r"^--vae: this family reads its autoencoder from --ae"):
+        _parse("flux", "network", ["--pretrained_model_name_or_path", "f.safetensors", "--output_dir", str(tmp_path),
+                                   "--vae", "ae.safetensors"])
+
+
+def test_accepted_flags_parse_and_log_once(tmp_path, caplog):
+    argv = ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", str(tmp_path), "--dataset_config",
+            "d.toml", "--network_module", "networks.lora", "--sdpa", "--mem_eff_attn"]
+    with caplog.at_level(logging.INFO, logger="library.config.sd_scripts_compat"):
+        try:
+            _parse("sd", "network", argv)
+        except UserError:
+            pass  # later checks (the model file) may fail; the flags were parsed and logged first
+    logged = [r.getMessage() for r in caplog.records if r.name == "library.config.sd_scripts_compat"]
+    assert logged == ["--sdpa: accepted for sd-scripts compatibility; " + ACCEPTED["sdpa"].note,
+                      "--mem_eff_attn: accepted for sd-scripts compatibility; " + ACCEPTED["mem_eff_attn"].note]
+
+
+def test_help_hides_refused_flags_and_shows_accepted_ones():
+    text = build_parser(get_family("sd"), "network").format_help()
+    assert "--sdpa" in text and "--huggingface_repo_id" not in text
