@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from library.errors import UserError
+from library.models.saved_formats import SAVE_MODEL_FORMATS
 
 TRAINING_MODES = ("network", "full")
 
@@ -66,7 +67,9 @@ def add_full_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train_text_encoder", action="store_true", help="also train the text encoder(s)")
     group.add_argument("--learning_rate_te", type=float, default=None,
                        help="learning rate of the text encoder (default: --learning_rate)")
-    group.add_argument("--save_model_as", choices=["safetensors", "diffusers"], default="safetensors")
+    group.add_argument("--save_model_as", choices=SAVE_MODEL_FORMATS, default="safetensors",
+                       help="safetensors (one file), ckpt (sd-scripts' torch file, same tensors), diffusers or "
+                            "diffusers_safetensors (a diffusers folder, safetensors weights either way)")
 
 
 def validate_general_args(args: argparse.Namespace) -> None:

@@ -151,9 +151,6 @@ class SD3Family(ModelFamily):
         if kind.is_full_fine_tune:
             if args.save_lora_format != "kohya":
                 raise UserError("--save_lora_format applies to LoRA training only")
-            if args.save_model_as != "safetensors":
-                raise UserError(f"--save_model_as {args.save_model_as}: SD3 full fine-tunes are saved as one SAI "
-                                "single file; use --save_model_as safetensors")
         return SD3Settings(kind=kind, blocks_to_swap=blocks_to_swap, flow_options=flow_options,
                            dropout_rates=dropout_rates, training_shift=args.training_shift,
                            apply_lg_attn_mask=bool(args.apply_lg_attn_mask),
@@ -299,10 +296,13 @@ class SD3Family(ModelFamily):
                 if value is not None]
 
     def save_full_model(self, components: ModelComponents, path: str, save_as: str, dtype, metadata: dict) -> None:
-        """An SAI single file: MMDiT, VAE and the three text encoders (loads back with no other file)."""
+        """An SAI single file: MMDiT, VAE and the three text encoders (loads back with no other file);
+        or a StableDiffusion3Pipeline folder."""
+        from library.models.saved_formats import save_pipeline_folder
         from library.models.sd3_checkpoint import save_sd3_single_file
 
-        if save_as != "safetensors":
-            raise UserError(f"--save_model_as {save_as}: SD3 models are saved as one SAI single .safetensors file")
+        if save_as == "diffusers":
+            save_pipeline_folder(self.build_pipeline(components), path, dtype)
+            return
         save_sd3_single_file(components.denoiser, components.vae, components.text_encoders, path, dtype,
                              {k: str(v) for k, v in metadata.items()})

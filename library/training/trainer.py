@@ -58,8 +58,12 @@ class Trainer:
         from library.config.dataset_config import load_dataset_group
         from library.training.validation import build_datasets
 
+        from library.data.loss_masks import check_masked_loss
+
         args = self.args
-        train, validation = build_datasets(load_dataset_group(args), seed, args.prior_loss_weight, args.max_train_steps)
+        spec = load_dataset_group(args)
+        check_masked_loss(spec, args.masked_loss)
+        train, validation = build_datasets(spec, seed, args.prior_loss_weight, args.max_train_steps)
         train.num_processes = num_processes
         if validation is None and (args.validate_every_n_steps or args.validate_every_n_epochs):
             raise UserError("--validate_every_n_steps/--validate_every_n_epochs need validation images: set "
