@@ -27,6 +27,7 @@ NETWORK_MODULES = {
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LoRA network")
+    add_lora_file_format_argument(group)
     group.add_argument("--network_module", default="networks.lora",
                        help="network to train: networks.lora (sd-scripts' networks.lora_flux/_sd3/_lumina also work)")
     group.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
@@ -47,6 +48,11 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                        help="learning rate of the denoiser LoRA (default --learning_rate; 0 freezes it)")
     group.add_argument("--text_encoder_lr", type=float, default=None,
                        help="learning rate of the text encoder LoRA (default --learning_rate; 0 freezes it)")
+
+
+def add_lora_file_format_argument(group) -> None:
+    group.add_argument("--save_model_as", choices=["safetensors", "ckpt", "pt"], default="safetensors",
+                       help="file format of the LoRA: safetensors (the only one written; ckpt/pt are refused)")
 
 
 def parse_network_args(entries: list[str] | None) -> dict[str, str]:
@@ -88,6 +94,9 @@ def create_network_kwargs(args: argparse.Namespace, family_keys: tuple[str, ...]
 def validate_network_args(args: argparse.Namespace, family_keys: tuple[str, ...] = ()) -> None:
     """Reject contradictory or ineffective network flags before any model is loaded."""
     module = import_network_module(args.network_module)
+    if args.save_model_as != "safetensors":
+        raise UserError(f"--save_model_as {args.save_model_as}: LoRA files are written as safetensors only (pickled "
+                        ".ckpt/.pt files can run code when loaded); use --save_model_as safetensors or drop the flag")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.network_train_unet_only and args.text_encoder_lr is not None:

@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from library.errors import did_you_mean
+from library.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class Accepted:
 
     note: str
     takes_value: bool = False
+    choices: tuple[str, ...] = ()
+    refused_values: tuple[tuple[str, str], ...] = ()  # (value, "why; what instead") pairs
     families: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
 
@@ -141,15 +143,13 @@ REFUSED: dict[str, Refusal] = {
                              "run `wandb login` once or set WANDB_API_KEY"),
     # model options a family does not have
     "v2": Refusal("Stable Diffusion 2.x is trained with sd_train_network.py / sd_train.py", "drop the flag",
-                  families=("sdxl",) + _DIT),
-    "v_parameterization": Refusal("v-prediction is an SD 1.x/2.x/SDXL option", "drop the flag", families=_DIT),
-    "clip_skip": Refusal("SDXL always uses the penultimate layer of both text encoders (sd-scripts ignores "
-                         "clip_skip there too)", "drop the flag", families=("sdxl",) + _DIT),
+                  families=_DIT),
+    "clip_skip": Refusal("this family's text encoders have no clip_skip (sd-scripts ignores it here too)", "drop the flag", families=_DIT),
     "max_token_length": Refusal("this family's token length has its own flag",
                                 "use --t5xxl_max_token_length (FLUX/SD3) or --gemma2_max_token_length (Lumina)",
                                 families=_DIT),
     "weighted_captions": Refusal("prompt weighting is an SD 1.x/2.x option (sd-scripts refuses it here too)",
-                                 "write captions without (word:1.2) weights", families=("sdxl",) + _DIT),
+                                 "write captions without (word:1.2) weights", families=_DIT),
     "vae": Refusal("this family reads its autoencoder from --ae (FLUX, Lumina) or from the checkpoint (SD3)",
                    "use --ae, or drop the flag for SD3", families=_DIT),
     "controlnet_model_name_or_path": Refusal("ControlNet training is not supported", "drop the flag",
@@ -185,6 +185,10 @@ ACCEPTED: dict[str, Accepted] = {
     "disable_mmap_load_safetensors": Accepted(
         "safetensors files are read tensor by tensor through safetensors' own reader whatever this flag says"),
     "console_log_simple": Accepted("log lines are already plain `LEVEL name: message` text"),
+    "model_type": Accepted("FLUX.1 (dev/schnell) is what flux_train_network.py trains", takes_value=True,
+                           choices=("flux", "chroma"), families=("flux",),
+                           refused_values=(("chroma", "Chroma models are not supported; train a FLUX.1 dev or "
+                                                       "schnell checkpoint"),)),
     "persistent_data_loader_workers": Accepted(
         "the data loader is rebuilt each epoch to resume mid-epoch exactly; the flag changes nothing"),
 }
@@ -232,7 +236,7 @@ def add_compat_arguments(parser: argparse.ArgumentParser, family: str, mode: str
         group = parser.add_argument_group("accepted for sd-scripts compatibility (no effect here)")
         for flag, entry in accepted.items():
             if entry.takes_value:
-                group.add_argument(f"--{flag}", default=None, help=entry.note)
+                group.add_argument(f"--{flag}", default=None, choices=entry.choices or None, help=entry.note)
             else:
                 group.add_argument(f"--{flag}", action="store_true", help=entry.note)
     for flag, entry in applicable_refusals(family, mode).items():
@@ -241,10 +245,15 @@ def add_compat_arguments(parser: argparse.ArgumentParser, family: str, mode: str
 
 
 def log_accepted_flags(args: argparse.Namespace, family: str, mode: str) -> None:
-    """One log line per accepted no-op flag the user gave."""
+    """One log line per accepted no-op flag the user gave; a refused value of one is a UserError."""
     for flag, entry in applicable_accepted(family, mode).items():
-        if getattr(args, flag, None):
-            logger.info("--%s: accepted for sd-scripts compatibility; %s", flag, entry.note)
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        refused = dict(entry.refused_values).get(value)
+        if refused:
+            raise UserError(f"--{flag} {value}: {refused}")
+        logger.info("--%s: accepted for sd-scripts compatibility; %s", flag, entry.note)
 
 
 def problem_line(name: str, parser: argparse.ArgumentParser) -> str:

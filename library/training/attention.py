@@ -1,0 +1,46 @@
+"""Which attention kernels the denoiser uses: sd-scripts' --xformers (also --diffusers_xformers).
+
+By default diffusers' attention runs on PyTorch's scaled_dot_product_attention, which picks flash or
+memory-efficient kernels itself (so sd-scripts' --sdpa and --mem_eff_attn select what already
+happens; library/config/sd_scripts_compat.py accepts them). `--xformers` switches the denoiser to
+xformers' memory_efficient_attention through diffusers' `enable_xformers_memory_efficient_attention`
+when the package is installed and the model runs on CUDA; otherwise one warning says SDPA is used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def add_attention_arguments(parser) -> None:
+    group = parser.add_argument_group("attention")
+    group.add_argument("--xformers", "--diffusers_xformers", dest="xformers", action="store_true",
+                       help="use xformers attention in the denoiser when the package is installed (else PyTorch SDPA)")
+
+
+def apply_attention_backend(args, denoiser, device) -> str:
+    """Switch `denoiser` to xformers when asked and possible; returns the backend in use ("xformers" or "sdpa")."""
+    if not getattr(args, "xformers", False):
+        return "sdpa"
+    reason = _xformers_unavailable(device)
+    if reason is None:
+        try:
+            denoiser.enable_xformers_memory_efficient_attention()
+            logger.info("--xformers: the denoiser's attention runs on xformers' memory_efficient_attention")
+            return "xformers"
+        except (ValueError, NotImplementedError, ImportError, AttributeError) as error:
+            reason = f"diffusers could not switch this model to xformers ({error})"
+    logger.warning("--xformers: %s; attention runs on PyTorch's scaled_dot_product_attention instead "
+                   "(memory-efficient as well)", reason)
+    return "sdpa"
+
+
+def _xformers_unavailable(device) -> str | None:
+    if importlib.util.find_spec("xformers") is None:
+        return "the xformers package is not installed"
+    if getattr(device, "type", str(device)) != "cuda":
+        return "xformers needs a CUDA device"
+    return None
