@@ -46,8 +46,10 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                        help="train only the text encoder LoRA")
     group.add_argument("--unet_lr", type=float, default=None,
                        help="learning rate of the denoiser LoRA (default --learning_rate; 0 freezes it)")
-    group.add_argument("--text_encoder_lr", type=float, default=None,
-                       help="learning rate of the text encoder LoRA (default --learning_rate; 0 freezes it)")
+    group.add_argument("--text_encoder_lr", type=float, nargs="+", default=None, metavar="LR",
+                       help="learning rate of the text encoder LoRA (default --learning_rate; 0 freezes it); one value "
+                            "per text encoder as sd-scripts (SDXL: TE1 TE2; FLUX: CLIP-L T5; SD3: CLIP-L CLIP-G T5), "
+                            "a single value for all")
 
 
 def add_lora_file_format_argument(group) -> None:
@@ -104,9 +106,10 @@ def validate_network_args(args: argparse.Namespace, family_keys: tuple[str, ...]
     if args.network_train_text_encoder_only and args.unet_lr is not None:
         raise UserError("--unet_lr has no effect with --network_train_text_encoder_only; drop one of them")
     for flag in ("unet_lr", "text_encoder_lr"):
-        value = getattr(args, flag)
-        if value is not None and value < 0:
-            raise UserError(f"--{flag} must not be negative (got {value})")
+        values = getattr(args, flag)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < 0:
+                raise UserError(f"--{flag} must not be negative (got {value})")
     if args.network_weights is not None and not os.path.isfile(args.network_weights):
         raise UserError(f"--network_weights {args.network_weights} does not exist")
     kwargs = create_network_kwargs(args, family_keys)

@@ -169,3 +169,54 @@ def test_flux_model_type_chroma_is_refused(tmp_path):
 def test_help_hides_refused_flags_and_shows_accepted_ones():
     text = build_parser(get_family("sd"), "network").format_help()
     assert "--sdpa" in text and "--huggingface_repo_id" not in text
+
+
+def test_text_encoder_lr_takes_one_value_per_text_encoder():
+    """SDXL: --text_encoder_lr TE1 TE2 gives each encoder's LoRA modules its own group (sd-scripts' order)."""
+    from library.families.base import LoraTarget
+    from library.tiny_models.sdxl import tiny_sdxl_pipeline
+    from networks.lora import create_network
+
+    pipe = tiny_sdxl_pipeline()
+    targets = [LoraTarget("lora_unet", pipe.unet, ("Transformer2DModel",)),
+               LoraTarget("lora_te1", pipe.text_encoder, ("CLIPAttention", "CLIPMLP"), file_path_prefix="text_model.",
+                          is_text_encoder=True),
+               LoraTarget("lora_te2", pipe.text_encoder_2, ("CLIPAttention", "CLIPMLP"), is_text_encoder=True)]
+    network = create_network(targets, network_dim=2, network_alpha=1.0)
+    groups = network.prepare_optimizer_params(1e-4, [1e-5, 2e-5], 3e-4)
+    by_name = {group["name"]: group for group in groups}
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet", 1e-4), ("text_encoder1", 1e-5),
+                                                       ("text_encoder2", 2e-5)]
+    names = {id(p): name for name, m in network.modules_by_name.items() for p in m.parameters()}
+    assert {names[id(p)].split("_")[1] for p in by_name["text_encoder1"]["params"]} == {"te1"}
+    assert {names[id(p)].split("_")[1] for p in by_name["text_encoder2"]["params"]} == {"te2"}
+    single = network.prepare_optimizer_params(None, [5e-6], 3e-4)  # one value: every text encoder
+    assert [(g["name"], g["lr"]) for g in single] == [("unet", 3e-4), ("text_encoder", 5e-6)]
+    frozen = network.prepare_optimizer_params(None, [0, 2e-5], 3e-4)  # 0 freezes TE1 only
+    assert [(g["name"], g["lr"]) for g in frozen] == [("unet", 3e-4), ("text_encoder2", 2e-5)]
+    with pytest.raises(UserError, match="--text_encoder_lr has 3 values but this LoRA covers 2 text encoder"):
+        network.prepare_optimizer_params(None, [1e-5, 2e-5, 3e-5], 3e-4)
+
+
+def test_text_encoder_lr_parses_several_values(tmp_path):
+    _, args = _parse("sdxl", "network", ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir",
+                                         str(tmp_path), "--text_encoder_lr", "1e-5", "2e-5"])
+    assert args.text_encoder_lr == [1e-5, 2e-5]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "lumina"])
+def test_cached_text_outputs_train_the_denoiser_only_on_dit_families(tmp_path, caplog, family):
+    argv = ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", str(tmp_path),
+            "--cache_text_encoder_outputs"]
+    with caplog.at_level(logging.INFO, logger="library.data.text_encoder_cache"):
+        _, args = _parse(family, "network", argv)
+    assert args.network_train_unet_only is True
+    assert any("training the denoiser LoRA only" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match="cached text-encoder outputs cannot train the text encoders"):
+        _parse(family, "network", argv + ["--text_encoder_lr", "1e-5"])  # asked for explicitly: refused
+
+
+def test_cached_text_outputs_with_text_encoder_training_stay_refused_on_sdxl(tmp_path):
+    with pytest.raises(UserError, match="cached text-encoder outputs cannot train the text encoders"):
+        _parse("sdxl", "network", ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", str(tmp_path),
+                                   "--cache_text_encoder_outputs"])

@@ -172,5 +172,5 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     validate_general_args(args)
     validate_sampling_args(args)
     validate_validation_args(args)
-    validate_text_cache_args(args, kind)
+    validate_text_cache_args(args, kind, family.text_cache_trains_denoiser_only)
     return family.configure(args, kind), args
