@@ -220,3 +220,61 @@ def test_cached_text_outputs_with_text_encoder_training_stay_refused_on_sdxl(tmp
     with pytest.raises(UserError, match="cached text-encoder outputs cannot train the text encoders"):
         _parse("sdxl", "network", ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", str(tmp_path),
                                    "--cache_text_encoder_outputs"])
+
+
+@pytest.mark.parametrize("script", ["merge_lora", "sdxl_merge_lora", "flux_merge_lora"])
+def test_every_sd_scripts_merge_flag_is_parsed_or_refused(script):
+    from library.config.sd_scripts_compat import MERGE_LORA_REFUSED
+    from tools.merge_lora import build_parser as merge_parser
+
+    parsed = parsed_names(merge_parser())
+    missing = [name for name in read_flag_list(script) if name not in parsed and name not in MERGE_LORA_REFUSED]
+    assert missing == [], f"networks/{script}.py flags neither parsed nor refused: {missing}"
+
+
+def test_merge_tables_are_not_stale():
+    from library.config.sd_scripts_compat import MERGE_LORA_ACCEPTED, MERGE_LORA_REFUSED
+    from tools.merge_lora import build_parser as merge_parser
+
+    own = {option.lstrip("-") for action in merge_parser()._actions if not is_refused_action(action)
+           and action.container.title != "accepted for sd-scripts compatibility (no effect here)"
+           for option in action.option_strings}
+    assert sorted((set(MERGE_LORA_REFUSED) | set(MERGE_LORA_ACCEPTED)) & own) == []
+
+
+def test_merge_lora_with_sd_scripts_names_writes_the_same_file(tmp_path):
+    """`--models ... --ratios ... --save_to ... --precision float --working_device cpu` (sd-scripts' spelling)
+    writes the same tensors as our spelling."""
+    from safetensors.torch import load_file
+
+    from library.tiny_models.sd import tiny_sd15_pipeline
+    from tools.merge_lora import merge_lora
+    from tools_fixtures import write_random_lora
+
+    pipe = tiny_sd15_pipeline()
+    a = write_random_lora(pipe, str(tmp_path / "a.safetensors"), seed=1, dim=2, alpha=1.0)
+    b = write_random_lora(pipe, str(tmp_path / "b.safetensors"), seed=2, dim=2, alpha=2.0)
+    ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
+    merge_lora(["--loras", a, b, "--ratios", "1", "0.5", "--save_to", ours, "--concat"])
+    merge_lora(["--models", a, b, "--ratios", "1", "0.5", "--save_to", theirs, "--concat", "--precision", "float",
+                "--working_device", "cpu"])
+    mine, other = load_file(ours), load_file(theirs)
+    assert mine.keys() == other.keys() and all(torch_equal(mine[k], other[k]) for k in mine)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return x.dtype == y.dtype and torch.equal(x, y)
+
+
+def test_merge_lora_names_every_missing_argument_and_refuses_shuffle():
+    from tools.merge_lora import merge_lora
+
+    with pytest.raises(UserError, match=r"^missing --loras \(or --models\) and --save_to"):
+        merge_lora(["--sd_model", "model.safetensors"])
+    with pytest.raises(UserError, match="--shuffle: shuffling the rank order"):
+        merge_lora(["--models", "a.safetensors", "--save_to", "o.safetensors", "--shuffle"])
+    with pytest.raises(UserError, match="--clip_l and --clip_l_save_to go together"):
+        merge_lora(["--flux_model", "f.safetensors", "--models", "a.safetensors", "--save_to", "o.safetensors",
+                    "--clip_l", "clip_l.safetensors"])

@@ -194,6 +194,25 @@ ACCEPTED: dict[str, Accepted] = {
 }
 
 
+# tools/merge_lora.py stands for sd-scripts' networks/merge_lora.py, sdxl_merge_lora.py and flux_merge_lora.py;
+# their other flags are parsed there under the same names.
+MERGE_LORA_REFUSED: dict[str, Refusal] = {
+    "shuffle": Refusal("shuffling the rank order of the merged LoRA does not change what it does", "drop the flag"),
+    "no_metadata": Refusal("the merged file always records its sources in its metadata", "drop the flag"),
+    "lbws": Refusal(f"per-block merge weights are {NOT_YET}", "merge with one ratio per LoRA (--ratios)"),
+    "diffusers": Refusal(f"merging into a FLUX single file with diffusers key names is {NOT_YET}",
+                         "merge into the BFL-layout flux1-dev.safetensors or a diffusers model folder"),
+}
+MERGE_LORA_ACCEPTED: dict[str, Accepted] = {
+    "v2": Accepted("the checkpoint's layout is read from its keys"),
+    "precision": Accepted("the merge arithmetic always runs in float32 (sd-scripts' recommended value)",
+                          takes_value=True, choices=("float", "fp16", "bf16")),
+    "loading_device": Accepted("tensors are streamed from disk one at a time; --device chooses where they are merged",
+                               takes_value=True),
+    "mem_eff_load_save": Accepted("the checkpoint is always streamed tensor by tensor"),
+}
+
+
 def refusal_for(flag: str, family: str, mode: str) -> Optional[Refusal]:
     entry = REFUSED.get(flag)
     return entry if entry is not None and entry.applies(family, mode) else None
@@ -228,25 +247,42 @@ def is_refused_action(action: argparse.Action) -> bool:
 
 
 def add_compat_arguments(parser: argparse.ArgumentParser, family: str, mode: str) -> None:
-    """The accepted no-op flags (shown in --help) and the refused ones (hidden) that apply here and
-    that the parser does not already parse."""
-    parsed = {option.lstrip("-") for action in parser._actions for option in action.option_strings}
-    accepted = {flag: entry for flag, entry in applicable_accepted(family, mode).items() if flag not in parsed}
-    if accepted:
-        group = parser.add_argument_group("accepted for sd-scripts compatibility (no effect here)")
-        for flag, entry in accepted.items():
-            if entry.takes_value:
-                group.add_argument(f"--{flag}", default=None, choices=entry.choices or None, help=entry.note)
-            else:
-                group.add_argument(f"--{flag}", action="store_true", help=entry.note)
-    for flag, entry in applicable_refusals(family, mode).items():
+    """The accepted no-op flags (shown in --help) and the refused ones (hidden) that apply to a
+    training script and that the parser does not already parse."""
+    add_accepted_flags(parser, applicable_accepted(family, mode))
+    add_refused_flags(parser, applicable_refusals(family, mode))
+
+
+def _parsed(parser: argparse.ArgumentParser) -> set[str]:
+    return {option.lstrip("-") for action in parser._actions for option in action.option_strings}
+
+
+def add_accepted_flags(parser: argparse.ArgumentParser, accepted: dict[str, Accepted]) -> None:
+    accepted = {flag: entry for flag, entry in accepted.items() if flag not in _parsed(parser)}
+    if not accepted:
+        return
+    group = parser.add_argument_group("accepted for sd-scripts compatibility (no effect here)")
+    for flag, entry in accepted.items():
+        if entry.takes_value:
+            group.add_argument(f"--{flag}", default=None, choices=entry.choices or None, help=entry.note)
+        else:
+            group.add_argument(f"--{flag}", action="store_true", help=entry.note)
+
+
+def add_refused_flags(parser: argparse.ArgumentParser, refused: dict[str, Refusal]) -> None:
+    parsed = _parsed(parser)
+    for flag, entry in refused.items():
         if flag not in parsed:
             parser.add_argument(f"--{flag}", action=_RefusedFlag, dest=REFUSED_DEST, refusal=entry)
 
 
 def log_accepted_flags(args: argparse.Namespace, family: str, mode: str) -> None:
     """One log line per accepted no-op flag the user gave; a refused value of one is a UserError."""
-    for flag, entry in applicable_accepted(family, mode).items():
+    report_accepted_flags(args, applicable_accepted(family, mode))
+
+
+def report_accepted_flags(args: argparse.Namespace, accepted: dict[str, Accepted]) -> None:
+    for flag, entry in accepted.items():
         value = getattr(args, flag, None)
         if not value:
             continue
