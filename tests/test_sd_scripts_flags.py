@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,46 @@ def test_merge_lora_names_every_missing_argument_and_refuses_shuffle():
     with pytest.raises(UserError, match="--clip_l and --clip_l_save_to go together"):
         merge_lora(["--flux_model", "f.safetensors", "--models", "a.safetensors", "--save_to", "o.safetensors",
                     "--clip_l", "clip_l.safetensors"])
+
+
+def test_initial_step_continues_exactly_where_the_full_run_was(tiny_sd15_folder, demo_image_root, tmp_path):
+    """A 4-step run, and a run started from its step-2 LoRA with --initial_step 2, end with the same LoRA:
+    the second run trains steps 3 and 4 on the same batches and noise. SGD without momentum keeps no
+    optimizer state, so nothing else could tell the runs apart."""
+    from safetensors.torch import load_file
+
+    from library.cli import run_training
+
+    def train(output, *extra):
+        run_training("sd", "network", [
+            "--pretrained_model_name_or_path", tiny_sd15_folder, "--train_data_dir", demo_image_root,
+            "--resolution", "64", "--output_dir", str(output), "--output_name", "out", "--seed", "7",
+            "--train_batch_size", "1", "--optimizer_type", "SGD", "--learning_rate", "0.5",
+            "--network_module", "networks.lora", "--network_dim", "2", "--network_alpha", "2",
+            "--max_train_steps", "4", "--save_every_n_steps", "2", *extra])
+
+    train(tmp_path / "full")
+    train(tmp_path / "later", "--network_weights", str(tmp_path / "full" / "out-step00000002.safetensors"),
+          "--initial_step", "2", "--skip_until_initial_step")
+    full, later = load_file(tmp_path / "full" / "out.safetensors"), load_file(tmp_path / "later" / "out.safetensors")
+    assert full.keys() == later.keys()
+    assert all(torch_equal(full[key], later[key]) for key in full)
+    step2 = load_file(tmp_path / "full" / "out-step00000002.safetensors")
+    assert not all(torch_equal(full[key], step2[key]) for key in full)  # steps 3-4 did train
+    assert sorted(os.listdir(tmp_path / "later")) == ["out.safetensors"]  # no step-2 save: it started there
+
+
+def test_initial_step_must_leave_steps_to_train():
+    from library.training.initial_step import initial_position
+    from library.training.state import TrainingPosition
+
+    args = argparse.Namespace(initial_step=None, initial_epoch=3, gradient_accumulation_steps=2, resume=None)
+    start = TrainingPosition(global_step=0, epoch=1, batch_index=0, seed=5)
+    assert initial_position(args, start, steps_per_epoch=4, num_batches=7, max_steps=20) == \
+        TrainingPosition(global_step=8, epoch=3, batch_index=0, seed=5)
+    args.initial_step = 6  # wins over --initial_epoch: epoch 2, third step -> micro-batch 4
+    assert initial_position(args, start, steps_per_epoch=4, num_batches=7, max_steps=20) == \
+        TrainingPosition(global_step=6, epoch=2, batch_index=4, seed=5)
+    with pytest.raises(UserError, match="--initial_step 20 leaves nothing to train"):
+        args.initial_step = 20
+        initial_position(args, start, steps_per_epoch=4, num_batches=7, max_steps=20)

@@ -44,12 +44,14 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
     from library.cli import add_console_log_arguments
+    from library.training.initial_step import add_initial_step_arguments
     from library.training.trackers import add_tracker_arguments
 
     group = parser.add_argument_group("training loop")
     group.add_argument("--max_train_steps", type=int, default=1600)
     group.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    add_initial_step_arguments(group)
     group.add_argument("--max_nonfinite_steps", type=int, metavar="N", default=3,
                        help="stop after this many steps in a row with a NaN/inf loss (each is skipped; default 3)")
     group.add_argument("--seed", type=int, default=None)
@@ -77,8 +79,10 @@ def add_full_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate_general_args(args: argparse.Namespace) -> None:
+    from library.training.initial_step import validate_initial_step_args
     from library.training.trackers import validate_tracker_args
 
+    validate_initial_step_args(args)
     positive = ["max_train_steps", "max_train_epochs", "gradient_accumulation_steps", "save_every_n_steps",
                 "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs", "loss_log_every",
                 "save_last_n_steps_state", "save_last_n_epochs_state", "max_nonfinite_steps"]

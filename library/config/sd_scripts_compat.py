@@ -126,10 +126,6 @@ REFUSED: dict[str, Refusal] = {
     "base_weights_multiplier": Refusal(NOT_YET, "merge that LoRA into the model first with tools/merge_lora.py",
                                        modes=("network",)),
     # training loop and schedule
-    "initial_epoch": Refusal(NOT_YET, "use --resume with a saved state to continue a run", modes=("network",)),
-    "initial_step": Refusal(NOT_YET, "use --resume with a saved state to continue a run", modes=("network",)),
-    "skip_until_initial_step": Refusal(NOT_YET, "use --resume with a saved state to continue a run",
-                                       modes=("network",)),
     "lr_decay_steps": Refusal(f"the warmup_stable_decay schedule is {NOT_YET}",
                               "use --lr_scheduler cosine or linear, or --lr_scheduler_type with --lr_scheduler_args"),
     "lr_scheduler_timescale": Refusal(f"the inverse_sqrt schedule is {NOT_YET}",

@@ -140,6 +140,7 @@ class Trainer:
     def train(self) -> None:
         from library.training.attention import apply_attention_backend
         from library.training.distributed import build_accelerator
+        from library.training.initial_step import initial_position
         from library.training.lr_schedulers import build_lr_scheduler
         from library.training.metadata import training_metadata
         from library.training.optimizers import build_optimizer, describe_optimizer, set_optimizer_train_mode
@@ -185,6 +186,7 @@ class Trainer:
         position = TrainingPosition(global_step=0, epoch=1, batch_index=0, seed=seed)
         if resume_folder:
             position = load_training_state(accelerator, resume_folder)
+        position = initial_position(args, position, steps_per_epoch, num_batches, max_steps)
 
         metadata = training_metadata(args, self.family, components, dataset, describe_optimizer(args, optimizer),
                                      num_batches_per_epoch=num_batches, num_epochs=num_epochs,
