@@ -322,3 +322,103 @@ def test_initial_step_must_leave_steps_to_train():
     with pytest.raises(UserError, match="--initial_step 20 leaves nothing to train"):
         args.initial_step = 20
         initial_position(args, start, steps_per_epoch=4, num_batches=7, max_steps=20)
+
+
+def _tracker_args(**values):
+    base = dict(log_with=None, logging_dir=None, log_tracker_name=None, wandb_run_name=None, log_config=False)
+    return argparse.Namespace(**{**base, **values})
+
+
+def test_trackers_follow_log_with():
+    from library.training.trackers import tracker_names, validate_tracker_args
+
+    assert tracker_names(_tracker_args(logging_dir="logs")) == ["tensorboard"]
+    assert tracker_names(_tracker_args()) == []
+    with pytest.raises(UserError, match="--log_with tensorboard needs --logging_dir"):
+        tracker_names(_tracker_args(log_with="tensorboard"))
+    with pytest.raises(UserError, match="--wandb_run_name needs --log_with wandb or all"):
+        validate_tracker_args(_tracker_args(logging_dir="logs", wandb_run_name="run"))
+
+
+def test_wandb_without_the_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from library.training import trackers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    for choice in ("wandb", "all"):
+        with pytest.raises(UserError, match=f"--log_with {choice}: the wandb package is not installed; "
+                                            "`pip install wandb`"):
+            trackers.tracker_names(_tracker_args(log_with=choice, logging_dir="logs"))
+
+
+def test_log_config_leaves_out_secrets_and_paths():
+    from library.training.trackers import loggable_config
+
+    config = loggable_config(argparse.Namespace(learning_rate=1e-4, network_args=["conv_dim=4"], output_dir="/home/me",
+                                                wandb_api_key="secret", seed=None, full_bf16=True))
+    assert config == {"learning_rate": 1e-4, "network_args": "['conv_dim=4']", "seed": None, "full_bf16": True}
+
+
+def test_tensorboard_tracker_takes_the_tracker_name(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from library.training.trackers import start_trackers
+
+    args = _tracker_args(log_with="tensorboard", logging_dir=str(tmp_path), log_tracker_name="my_project",
+                         log_config=True, log_prefix=None)
+    accelerator = Accelerator(log_with="tensorboard", project_config=ProjectConfiguration(
+        project_dir=str(tmp_path), logging_dir=str(tmp_path)))
+    start_trackers(accelerator, args)
+    accelerator.log({"loss": 1.0}, step=1)
+    accelerator.end_training()
+    assert (tmp_path / "my_project").is_dir()
+
+
+def test_xformers_falls_back_to_sdpa_with_one_warning(caplog):
+    import torch
+
+    from library.training.attention import apply_attention_backend
+
+    class Denoiser(torch.nn.Module):
+        switched = False
+
+        def enable_xformers_memory_efficient_attention(self):
+            self.switched = True
+
+    denoiser = Denoiser()
+    with caplog.at_level(logging.WARNING, logger="library.training.attention"):
+        used = apply_attention_backend(argparse.Namespace(xformers=True), denoiser, torch.device("cpu"))
+    assert used == "sdpa" and not denoiser.switched
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == \
+        ["--xformers: " + ("the xformers package is not installed" if importlib_missing("xformers")
+                           else "xformers needs a CUDA device")]
+    assert apply_attention_backend(argparse.Namespace(xformers=False), denoiser, torch.device("cpu")) == "sdpa"
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
+
+
+def test_console_log_file_receives_the_log_lines(tmp_path):
+    from library.cli import apply_console_log_args
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        apply_console_log_args(argparse.Namespace(console_log_level="WARNING", console_log_file=str(tmp_path / "x.log")))
+        logging.getLogger("some.module").warning("kept")
+        logging.getLogger("some.module").info("dropped")
+        for handler in root.handlers:
+            handler.flush()
+    finally:
+        for handler in root.handlers[len(handlers):]:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    text = (tmp_path / "x.log").read_text(encoding="utf-8")
+    assert "WARNING some.module: kept" in text and "dropped" not in text
