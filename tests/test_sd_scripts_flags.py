@@ -422,3 +422,13 @@ def test_console_log_file_receives_the_log_lines(tmp_path):
         root.setLevel(level)
     text = (tmp_path / "x.log").read_text(encoding="utf-8")
     assert "WARNING some.module: kept" in text and "dropped" not in text
+
+
+def test_docs_print_the_current_tables():
+    from library.config.sd_scripts_compat import markdown_tables
+
+    page = (Path(__file__).parent.parent / "docs" / "sd_scripts.md").read_text(encoding="utf-8")
+    start = page.index("-->\n", page.index("<!-- sd_scripts_compat tables")) + len("-->\n")
+    end = page.index("<!-- end of generated tables -->")
+    assert page[start:end] == markdown_tables(), \
+        "docs/sd_scripts.md is stale: paste library.config.sd_scripts_compat.markdown_tables() between the markers"

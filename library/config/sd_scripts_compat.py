@@ -296,3 +296,25 @@ def problem_line(name: str, parser: argparse.ArgumentParser) -> str:
     known = [option.lstrip("-") for action in parser._actions if not is_refused_action(action)
              for option in action.option_strings if option.startswith("--")]
     return f"--{name}: no such flag in this script{did_you_mean(name, known)}"
+
+
+def _scope(entry) -> str:
+    families = ", ".join(entry.families) if entry.families else "all"
+    modes = {"network": "LoRA", "full": "full fine-tune"}
+    mode = " / ".join(modes[m] for m in entry.modes) if entry.modes else "both"
+    return f"{families}; {mode}"
+
+
+def markdown_tables() -> str:
+    """The refusal and no-op tables as docs/sd_scripts.md prints them (a test keeps the page in step)."""
+    lines = ["| flag | scripts (families; mode) | why | use instead |", "|---|---|---|---|"]
+    lines += [f"| `--{flag}` | {_scope(entry)} | {entry.reason} | {entry.instead} |"
+              for flag, entry in sorted(REFUSED.items())]
+    lines += ["", "Accepted, with one log line, because they select what already happens:", "",
+              "| flag | scripts (families; mode) | what happens |", "|---|---|---|"]
+    lines += [f"| `--{flag}` | {_scope(entry)} | {entry.note} |" for flag, entry in sorted(ACCEPTED.items())]
+    lines += ["", "`tools/merge_lora.py` (for sd-scripts' `networks/merge_lora.py`, `sdxl_merge_lora.py`, "
+              "`flux_merge_lora.py`):", "", "| flag | why / what happens | use instead |", "|---|---|---|"]
+    lines += [f"| `--{flag}` | {entry.reason} | {entry.instead} |" for flag, entry in sorted(MERGE_LORA_REFUSED.items())]
+    lines += [f"| `--{flag}` | accepted: {entry.note} | |" for flag, entry in sorted(MERGE_LORA_ACCEPTED.items())]
+    return "\n".join(lines) + "\n"
