@@ -50,6 +50,24 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                        help="learning rate of the text encoder LoRA (default --learning_rate; 0 freezes it); one value "
                             "per text encoder as sd-scripts (SDXL: TE1 TE2; FLUX: CLIP-L T5; SD3: CLIP-L CLIP-G T5), "
                             "a single value for all")
+    for index in (1, 2, 3):
+        group.add_argument(f"--text_encoder_lr{index}", type=float, default=None, metavar="LR",
+                           help=f"learning rate of text encoder {index} alone (the spelling of sd-scripts' SDXL guide; "
+                                "the others take --text_encoder_lr, else --learning_rate)")
+
+
+def resolve_numbered_text_encoder_lrs(args: argparse.Namespace) -> None:
+    """--text_encoder_lr1/2/3 become the per-encoder --text_encoder_lr list; unnamed encoders before the
+    last one given take --text_encoder_lr (one value), else --learning_rate."""
+    numbered = [getattr(args, f"text_encoder_lr{index}", None) for index in (1, 2, 3)]
+    if all(value is None for value in numbered):
+        return
+    if args.text_encoder_lr is not None and len(args.text_encoder_lr) > 1:
+        raise UserError("--text_encoder_lr with several values and --text_encoder_lr1/2/3 both set per-encoder "
+                        "learning rates; keep one spelling")
+    fallback = args.text_encoder_lr[0] if args.text_encoder_lr else args.learning_rate
+    last = max(index for index, value in enumerate(numbered) if value is not None)
+    args.text_encoder_lr = [fallback if value is None else value for value in numbered[:last + 1]]
 
 
 def add_lora_file_format_argument(group) -> None:

@@ -432,3 +432,79 @@ def test_docs_print_the_current_tables():
     end = page.index("<!-- end of generated tables -->")
     assert page[start:end] == markdown_tables(), \
         "docs/sd_scripts.md is stale: paste library.config.sd_scripts_compat.markdown_tables() between the markers"
+
+
+def test_numbered_text_encoder_lrs_of_the_sdxl_guide(tmp_path):
+    base = ["--pretrained_model_name_or_path", "m.safetensors", "--output_dir", str(tmp_path), "--learning_rate", "1e-4"]
+    _, args = _parse("sdxl", "network", base + ["--text_encoder_lr1", "1e-5", "--text_encoder_lr2", "2e-5"])
+    assert args.text_encoder_lr == [1e-5, 2e-5]
+    _, args = _parse("sdxl", "network", base + ["--text_encoder_lr2", "2e-5"])
+    assert args.text_encoder_lr == [1e-4, 2e-5]  # TE1 falls back to --learning_rate
+
+
+GUIDE_MODEL_FLAGS = ("--pretrained_model_name_or_path", "--clip_l", "--clip_g", "--t5xxl", "--ae", "--gemma2")
+CUDA_ONLY_FLAGS = ("--blocks_to_swap",)  # needs a CUDA GPU; refused with its own message on a CPU
+
+
+def guide_commands() -> list[tuple[str, str, str, list[str]]]:
+    import re
+    import shlex
+
+    text = (Path(__file__).parent / "data" / "sd_scripts_guide_commands.txt").read_text(encoding="utf-8")
+    commands = []
+    for block in re.split(r"^== ", text, flags=re.M)[1:]:
+        head, flags = block.split("\n", 1)
+        script, family, mode, guide = head.split()
+        commands.append((guide, family, mode, shlex.split(flags)))
+    return commands
+
+
+def localized(argv: list[str], root: Path, dataset_config: str) -> list[str]:
+    """The guide's flags with its placeholder paths made local: models missing, the dataset real."""
+    import re
+
+    out = []
+    for flag in argv:
+        name, _, value = flag.partition("=")
+        if name in CUDA_ONLY_FLAGS:
+            continue
+        if name == "--dataset_config":
+            value = dataset_config
+        elif name == "--output_dir":
+            value = str(root / "out")
+        elif name in GUIDE_MODEL_FLAGS:
+            value = str(root / "missing" / re.sub(r"[^A-Za-z0-9.]+", "_", value.strip("<>")))
+        out.append(f"{name}={value}" if value else name)
+    return out
+
+
+@pytest.fixture
+def guide_dataset(tmp_path):
+    from library.demo import write_demo_images
+
+    images = write_demo_images(str(tmp_path / "images"), repeats=1)
+    config = tmp_path / "dataset.toml"
+    config.write_text(f'[[datasets]]\nresolution = 64\nbatch_size = 1\n[[datasets.subsets]]\nimage_dir = '
+                      f'"{Path(images, "1_shape").as_posix()}"\ncaption_extension = ".caption"\n', encoding="utf-8")
+    return str(config)
+
+
+@pytest.mark.parametrize("guide,family,mode,argv", guide_commands(), ids=lambda value: str(value)[:24])
+def test_guide_command_lines_run_to_loading_the_model(guide, family, mode, argv, guide_dataset, tmp_path, capsys):
+    """Each documented command parses, builds its dataset and stops only at the missing model file; the SDXL
+    guide's line caches text-encoder outputs while training text-encoder LoRA, which sd-scripts refuses too."""
+    from library.cli import run_training
+
+    command = localized(argv, tmp_path, guide_dataset)
+    with pytest.raises(SystemExit) as exit_info:
+        run_training(family, mode, command)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    if guide == "sdxl_train_network.md":
+        assert error.startswith("error: cached text-encoder outputs cannot train the text encoders: use "
+                                "--network_train_unet_only")
+        with pytest.raises(SystemExit):  # the message's other fix: its per-encoder learning rates then apply
+            run_training(family, mode, [flag for flag in command if flag != "--cache_text_encoder_outputs"])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: --pretrained_model_name_or_path {tmp_path / 'missing'}")
+    assert "no such file or folder" in error

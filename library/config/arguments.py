@@ -173,6 +173,10 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     apply_console_log_args(args)
     log_accepted_flags(args, family.name, mode)
     apply_optimizer_switches(args)
+    if mode == "network":
+        from networks.network_arguments import resolve_numbered_text_encoder_lrs
+
+        resolve_numbered_text_encoder_lrs(args)
     validate_general_args(args)
     validate_sampling_args(args)
     validate_validation_args(args)
