@@ -508,3 +508,42 @@ def test_guide_command_lines_run_to_loading_the_model(guide, family, mode, argv,
         error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: --pretrained_model_name_or_path {tmp_path / 'missing'}")
     assert "no such file or folder" in error
+
+
+def _schedule(name, steps=10, **flags):
+    import torch
+
+    from library.training.lr_schedulers import build_lr_scheduler
+
+    args = argparse.Namespace(lr_scheduler=name, lr_warmup_steps=2, lr_scheduler_num_cycles=1, lr_scheduler_power=1.0,
+                              lr_scheduler_type="", lr_scheduler_args=None, learning_rate=1.0, lr_decay_steps=0,
+                              lr_scheduler_min_lr_ratio=None, lr_scheduler_timescale=None)
+    for key, value in flags.items():
+        setattr(args, key, value)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_lr_scheduler(args, optimizer, steps)
+    rates = []
+    for _ in range(steps + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_warmup_stable_decay_uses_lr_decay_steps_and_min_ratio():
+    import math
+
+    rates = _schedule("warmup_stable_decay", lr_decay_steps=4, lr_scheduler_min_lr_ratio=0.1)
+    assert rates[:2] == pytest.approx([0.1, 0.55])  # linear warmup over 2 steps, from the min ratio (transformers)
+    assert rates[2:7] == [1.0] * 5  # stable until the last 4 steps
+    for step in range(6, 11):  # cosine from 1 down to the min ratio over the 4 decay steps
+        assert rates[step] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 6) / 4)))
+    assert _schedule("warmup_stable_decay", lr_decay_steps=0.4)[2:7] == [1.0] * 5  # a ratio of the 10 steps
+
+
+def test_cosine_with_min_lr_and_inverse_sqrt():
+    assert _schedule("cosine_with_min_lr", lr_scheduler_min_lr_ratio=0.2)[10] == pytest.approx(0.2)
+    rates = _schedule("inverse_sqrt", lr_scheduler_timescale=2)
+    assert rates[2] == pytest.approx(1.0) and rates[8] == pytest.approx(0.5)  # 1 / sqrt(step / timescale)
+    with pytest.raises(UserError, match="--lr_decay_steps is used only by warmup_stable_decay"):
+        _schedule("cosine", lr_decay_steps=3)

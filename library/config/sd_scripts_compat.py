@@ -126,12 +126,6 @@ REFUSED: dict[str, Refusal] = {
     "base_weights_multiplier": Refusal(NOT_YET, "merge that LoRA into the model first with tools/merge_lora.py",
                                        modes=("network",)),
     # training loop and schedule
-    "lr_decay_steps": Refusal(f"the warmup_stable_decay schedule is {NOT_YET}",
-                              "use --lr_scheduler cosine or linear, or --lr_scheduler_type with --lr_scheduler_args"),
-    "lr_scheduler_timescale": Refusal(f"the inverse_sqrt schedule is {NOT_YET}",
-                                      "use --lr_scheduler_type with --lr_scheduler_args"),
-    "lr_scheduler_min_lr_ratio": Refusal(f"cosine_with_min_lr / warmup_stable_decay are {NOT_YET}",
-                                         "use --lr_scheduler_type with --lr_scheduler_args"),
     "lowram": Refusal("models are loaded tensor by tensor into their final device already", "drop the flag"),
     # logging
     "log_tracker_config": Refusal(f"tracker config files are {NOT_YET}", "configure wandb with its environment variables"),
