@@ -97,7 +97,7 @@ def test_refused_and_unknown_flags_are_reported_together(tmp_path):
     assert lines[0] == "4 flags or keys cannot be used:"
     assert lines[1].strip() == ("--huggingface_repo_id: uploading to the Hugging Face Hub is not built in; upload "
                                 "the output folder afterwards with `huggingface-cli upload`")
-    assert lines[2].strip().startswith("--deepspeed: DeepSpeed is not supported;")
+    assert lines[2].strip().startswith("--deepspeed: DeepSpeed is set up through accelerate, not through training flags;")
     assert lines[3].strip() == "--learnin_rate: no such flag in this script (did you mean `learning_rate`?)"
     assert lines[4].strip().startswith("--frobnicate: no such flag in this script")  # its value 3 is skipped
 

@@ -60,8 +60,9 @@ class Accepted:
 _DIT = ("flux", "sd3", "lumina")
 _HUB = Refusal("uploading to the Hugging Face Hub is not built in",
                "upload the output folder afterwards with `huggingface-cli upload`")
-_DEEPSPEED = Refusal("DeepSpeed is not supported", "train on several GPUs with `accelerate launch` (DDP) and "
-                     "lower memory with --gradient_checkpointing, --blocks_to_swap or a smaller batch")
+_DEEPSPEED = Refusal("DeepSpeed is set up through accelerate, not through training flags",
+                     "put zero_stage/offload_* in an accelerate config file and run `accelerate launch --config_file "
+                     "zero2.yaml ...` (docs/training.md, Multi-GPU)")
 _DDP = Refusal("DDP options are not exposed", "set them in your accelerate config (`accelerate config`)")
 _COMPILE = Refusal(f"torch.compile is {NOT_YET}", "train without it")
 _METADATA = Refusal(f"model-spec metadata fields are {NOT_YET}",
