@@ -377,6 +377,23 @@ def test_tensorboard_tracker_takes_the_tracker_name(tmp_path):
     assert (tmp_path / "my_project").is_dir()
 
 
+def test_xformers_is_not_switched_on_where_diffusers_would_drop_the_models_own_attention():
+    from diffusers import Lumina2Transformer2DModel, UNet2DConditionModel
+
+    from library.training.attention import _processors_without_xformers
+
+    lumina = Lumina2Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, hidden_size=64, num_layers=1,
+                                       num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
+                                       norm_eps=1e-5, scaling_factor=1.0, axes_dim_rope=(4, 6, 6),
+                                       axes_lens=(300, 512, 512), cap_feat_dim=32)
+    assert "Lumina2AttnProcessor2_0" in _processors_without_xformers(lumina)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=32)
+    assert _processors_without_xformers(unet) is None
+
+
 def test_xformers_falls_back_to_sdpa_with_one_warning(caplog):
     import torch
 

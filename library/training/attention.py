@@ -4,7 +4,10 @@ By default diffusers' attention runs on PyTorch's scaled_dot_product_attention, 
 memory-efficient kernels itself (so sd-scripts' --sdpa and --mem_eff_attn select what already
 happens; library/config/sd_scripts_compat.py accepts them). `--xformers` switches the denoiser to
 xformers' memory_efficient_attention through diffusers' `enable_xformers_memory_efficient_attention`
-when the package is installed and the model runs on CUDA; otherwise one warning says SDPA is used.
+when the package is installed, the model runs on CUDA and diffusers has an xformers version of each of
+the model's attention processors (UNets, SD3's joint attention, FLUX's dispatcher-based attention;
+not Lumina 2's, which diffusers would silently replace by a plain one without its rotary embedding);
+otherwise one warning says SDPA is used.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def apply_attention_backend(args, denoiser, device) -> str:
     """Switch `denoiser` to xformers when asked and possible; returns the backend in use ("xformers" or "sdpa")."""
     if not getattr(args, "xformers", False):
         return "sdpa"
-    reason = _xformers_unavailable(device)
+    reason = _processors_without_xformers(denoiser) or _xformers_unavailable(device)
     if reason is None:
         try:
             denoiser.enable_xformers_memory_efficient_attention()
@@ -36,6 +39,19 @@ def apply_attention_backend(args, denoiser, device) -> str:
     logger.warning("--xformers: %s; attention runs on PyTorch's scaled_dot_product_attention instead "
                    "(memory-efficient as well)", reason)
     return "sdpa"
+
+
+def _processors_without_xformers(denoiser) -> str | None:
+    """Why diffusers' xformers switch would change what the model computes, or None when it is safe."""
+    from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
+                                                      JointAttnProcessor2_0)
+
+    convertible = (AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0)
+    others = sorted({type(module.processor).__name__ for module in denoiser.modules()
+                     if isinstance(module, Attention) and not isinstance(module.processor, convertible)})
+    if others:
+        return f"diffusers has no xformers version of this model's attention ({', '.join(others)})"
+    return None
 
 
 def _xformers_unavailable(device) -> str | None:
