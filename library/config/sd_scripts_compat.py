@@ -15,35 +15,39 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 from library.errors import UserError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
-ALL_FAMILIES = ("sd", "sdxl", "flux", "sd3", "lumina")
-ALL_MODES = ("network", "full")
 NOT_YET = "not in this version"
 
 
+class _Scoped:
+    """An entry limited to `families` and `modes` (each empty = all)."""
+
+    families: tuple[str, ...]
+    modes: tuple[str, ...]
+
+    def applies(self, family: str, mode: str) -> bool:
+        return (not self.families or family in self.families) and (not self.modes or mode in self.modes)
+
+
 @dataclass(frozen=True)
-class Refusal:
-    """Why a flag is refused and what to use instead; `families`/`modes` empty = everywhere."""
+class Refusal(_Scoped):
+    """Why a flag is refused and what to use instead."""
 
     reason: str
     instead: str
     families: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
 
-    def applies(self, family: str, mode: str) -> bool:
-        return (not self.families or family in self.families) and (not self.modes or mode in self.modes)
-
     def line(self, flag: str) -> str:
         return f"--{flag}: {self.reason}; {self.instead}"
 
 
 @dataclass(frozen=True)
-class Accepted:
+class Accepted(_Scoped):
     """A flag that selects what we already do: parsed, and logged once with `note`."""
 
     note: str
@@ -52,9 +56,6 @@ class Accepted:
     refused_values: tuple[tuple[str, str], ...] = ()  # (value, "why; what instead") pairs
     families: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
-
-    def applies(self, family: str, mode: str) -> bool:
-        return (not self.families or family in self.families) and (not self.modes or mode in self.modes)
 
 
 _DIT = ("flux", "sd3", "lumina")
@@ -202,11 +203,6 @@ MERGE_LORA_ACCEPTED: dict[str, Accepted] = {
                                takes_value=True),
     "mem_eff_load_save": Accepted("the checkpoint is always streamed tensor by tensor"),
 }
-
-
-def refusal_for(flag: str, family: str, mode: str) -> Optional[Refusal]:
-    entry = REFUSED.get(flag)
-    return entry if entry is not None and entry.applies(family, mode) else None
 
 
 def applicable_refusals(family: str, mode: str) -> dict[str, Refusal]:
