@@ -110,7 +110,6 @@ REFUSED: dict[str, Refusal] = {
                           families=("flux",)),
     "mem_eff_save": Refusal("saves are already streamed tensor by tensor", "drop the flag", modes=("full",)),
     # data
-    "cache_info": Refusal(NOT_YET, "drop the flag (the image sizes are read from file headers, which is fast)"),
     "face_crop_aug_range": Refusal(NOT_YET, "crop images around faces beforehand"),
     "debug_dataset": Refusal(NOT_YET, "run tools/cache_latents.py to check that every image loads"),
     "dataset_class": Refusal("custom dataset classes are not supported", "describe the data in a --dataset_config TOML"),
@@ -181,6 +180,7 @@ ACCEPTED: dict[str, Accepted] = {
                            choices=("flux", "chroma"), families=("flux",),
                            refused_values=(("chroma", "Chroma models are not supported; train a FLUX.1 dev or "
                                                        "schnell checkpoint"),)),
+    "cache_info": Accepted("image sizes are read from the image file headers, which is fast; nothing is cached"),
     "persistent_data_loader_workers": Accepted(
         "the data loader is rebuilt each epoch to resume mid-epoch exactly; the flag changes nothing"),
 }
