@@ -19,6 +19,26 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def add_console_log_arguments(group) -> None:
+    group.add_argument("--console_log_level", choices=LOG_LEVELS, default=None,
+                       help="lowest level of log lines shown (default INFO)")
+    group.add_argument("--console_log_file", default=None, help="also append the log lines to this file")
+
+
+def apply_console_log_args(args) -> None:
+    """--console_log_level / --console_log_file, applied to the root logger."""
+    root = logging.getLogger()
+    if getattr(args, "console_log_level", None):
+        root.setLevel(args.console_log_level)
+    if getattr(args, "console_log_file", None):
+        handler = logging.FileHandler(args.console_log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
 def run_training(family_name: str, mode: str, argv: list[str] | None = None) -> None:
     from library.families import get_family
 

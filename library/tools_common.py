@@ -89,7 +89,7 @@ def _training_defaults(family) -> dict:
     from library.config.arguments import build_parser
 
     return {action.dest: action.default for action in build_parser(family, "network")._actions
-            if action.dest != argparse.SUPPRESS and action.dest != "help"}
+            if action.dest != argparse.SUPPRESS and action.dest != "help" and action.default != argparse.SUPPRESS}
 
 
 def parse_tool_args(family, parser: argparse.ArgumentParser, argv: list[str]):

@@ -135,6 +135,7 @@ class LoRANetwork(nn.Module):
         self.multiplier = multiplier
         self._by_name: dict[str, LoRAModule] = {}
         self._text_encoder_names: set[str] = set()
+        self._text_encoder_prefixes: dict[str, str] = {}  # module name -> file prefix of its encoder ("lora_te1")
         self._conv3x3_names: set[str] = set()
         self._diffusers_paths: dict[str, list[str]] = {}  # module name -> PEFT paths of its layers
         self._family_network_args: dict[str, str] = {}
@@ -163,6 +164,7 @@ class LoRANetwork(nn.Module):
         self._by_name[name] = module
         if target.is_text_encoder:
             self._text_encoder_names.add(name)
+            self._text_encoder_prefixes[name] = target.prefix
         if found.is_conv3x3:
             self._conv3x3_names.add(name)
 
@@ -204,16 +206,18 @@ class LoRANetwork(nn.Module):
     # --- optimizer ---------------------------------------------------------------------------
 
     def prepare_optimizer_params(
-        self, unet_lr: float | None, text_encoder_lr: float | None, default_lr: float | None
+        self, unet_lr: float | None, text_encoder_lr: float | list[float] | None, default_lr: float | None
     ) -> list[dict]:
         """Optimizer param groups. None lr = default_lr; lr 0 freezes that part and leaves it out.
 
+        `text_encoder_lr` may hold one value per text encoder (in the family's encoder order, as
+        sd-scripts assigns them); encoders past the list take its first value.
         With a LoRA+ ratio, each part's lora_up weights form a second group at lr * ratio.
-        Each group carries a "name" ("unet", "unet lora_up", "text_encoder", ...) for logging.
+        Each group carries a "name" ("unet", "unet lora_up", "text_encoder", "text_encoder2", ...) for logging.
         """
         groups = []
-        parts = (("unet", self.unet_modules, unet_lr, False),
-                 ("text_encoder", self.text_encoder_modules, text_encoder_lr, True))
+        parts = [("unet", self.unet_modules, unet_lr, False)]
+        parts += [(part, modules, lr, True) for part, modules, lr in self._text_encoder_parts(text_encoder_lr)]
         for part, modules, lr, is_text_encoder in parts:
             if not modules:
                 continue
@@ -243,6 +247,21 @@ class LoRANetwork(nn.Module):
             name = part if block is None else f"{part}_block{block}"
             blocks.setdefault(block, (name, [], plan.lr_weight(module.lora_name)))[1].append(module)
         return list(blocks.values())
+
+    def _text_encoder_parts(self, text_encoder_lr) -> list[tuple[str, list[LoRAModule], float | None]]:
+        """(group name, modules, lr): one part for one lr, else one per text encoder."""
+        lrs = text_encoder_lr if isinstance(text_encoder_lr, list) else [text_encoder_lr]
+        if len(lrs) <= 1:
+            return [("text_encoder", self.text_encoder_modules, lrs[0] if lrs else None)]
+        by_encoder: dict[str, list[LoRAModule]] = {}
+        for name, module in self._by_name.items():
+            if name in self._text_encoder_prefixes:
+                by_encoder.setdefault(self._text_encoder_prefixes[name], []).append(module)
+        if len(lrs) > len(by_encoder):
+            raise UserError(f"--text_encoder_lr has {len(lrs)} values but this LoRA covers {len(by_encoder)} text "
+                            f"encoder(s) ({', '.join(by_encoder) or 'none'}); give one value per text encoder")
+        return [(f"text_encoder{index + 1}", modules, lrs[index] if index < len(lrs) else lrs[0])
+                for index, modules in enumerate(by_encoder.values())]
 
     @staticmethod
     def _param_groups(part: str, modules: list[LoRAModule], lr: float, loraplus_ratio: float | None) -> list[dict]:

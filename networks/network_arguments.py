@@ -28,6 +28,7 @@ NETWORK_MODULES = {
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LoRA network")
+    add_lora_file_format_argument(group)
     group.add_argument("--network_module", default="networks.lora",
                        help="network to train: networks.lora (sd-scripts' networks.lora_flux/_sd3/_lumina also work)")
     group.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
@@ -49,8 +50,33 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                        help="train only the text encoder LoRA")
     group.add_argument("--unet_lr", type=float, default=None,
                        help="learning rate of the denoiser LoRA (default --learning_rate; 0 freezes it)")
-    group.add_argument("--text_encoder_lr", type=float, default=None,
-                       help="learning rate of the text encoder LoRA (default --learning_rate; 0 freezes it)")
+    group.add_argument("--text_encoder_lr", type=float, nargs="+", default=None, metavar="LR",
+                       help="learning rate of the text encoder LoRA (default --learning_rate; 0 freezes it); one value "
+                            "per text encoder as sd-scripts (SDXL: TE1 TE2; FLUX: CLIP-L T5; SD3: CLIP-L CLIP-G T5), "
+                            "a single value for all")
+    for index in (1, 2, 3):
+        group.add_argument(f"--text_encoder_lr{index}", type=float, default=None, metavar="LR",
+                           help=f"learning rate of text encoder {index} alone (the spelling of sd-scripts' SDXL guide; "
+                                "the others take --text_encoder_lr, else --learning_rate)")
+
+
+def resolve_numbered_text_encoder_lrs(args: argparse.Namespace) -> None:
+    """--text_encoder_lr1/2/3 become the per-encoder --text_encoder_lr list; unnamed encoders before the
+    last one given take --text_encoder_lr (one value), else --learning_rate."""
+    numbered = [getattr(args, f"text_encoder_lr{index}", None) for index in (1, 2, 3)]
+    if all(value is None for value in numbered):
+        return
+    if args.text_encoder_lr is not None and len(args.text_encoder_lr) > 1:
+        raise UserError("--text_encoder_lr with several values and --text_encoder_lr1/2/3 both set per-encoder "
+                        "learning rates; keep one spelling")
+    fallback = args.text_encoder_lr[0] if args.text_encoder_lr else args.learning_rate
+    last = max(index for index, value in enumerate(numbered) if value is not None)
+    args.text_encoder_lr = [fallback if value is None else value for value in numbered[:last + 1]]
+
+
+def add_lora_file_format_argument(group) -> None:
+    group.add_argument("--save_model_as", choices=["safetensors", "ckpt", "pt"], default="safetensors",
+                       help="file format of the LoRA: safetensors (the only one written; ckpt/pt are refused)")
 
 
 def parse_network_args(entries: list[str] | None) -> dict[str, str]:
@@ -113,6 +139,9 @@ def create_network_kwargs(args: argparse.Namespace, family_keys: tuple[str, ...]
 def validate_network_args(args: argparse.Namespace, family_keys: tuple[str, ...] = ()) -> None:
     """Reject contradictory or ineffective network flags before any model is loaded."""
     module = import_network_module(args.network_module)
+    if args.save_model_as != "safetensors":
+        raise UserError(f"--save_model_as {args.save_model_as}: LoRA files are written as safetensors only (pickled "
+                        ".ckpt/.pt files can run code when loaded); use --save_model_as safetensors or drop the flag")
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.network_train_unet_only and args.text_encoder_lr is not None:
@@ -120,9 +149,10 @@ def validate_network_args(args: argparse.Namespace, family_keys: tuple[str, ...]
     if args.network_train_text_encoder_only and args.unet_lr is not None:
         raise UserError("--unet_lr has no effect with --network_train_text_encoder_only; drop one of them")
     for flag in ("unet_lr", "text_encoder_lr"):
-        value = getattr(args, flag)
-        if value is not None and value < 0:
-            raise UserError(f"--{flag} must not be negative (got {value})")
+        values = getattr(args, flag)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < 0:
+                raise UserError(f"--{flag} must not be negative (got {value})")
     if args.network_weights is not None and not os.path.isfile(args.network_weights):
         raise UserError(f"--network_weights {args.network_weights} does not exist")
     kwargs = create_network_kwargs(args, family_keys)

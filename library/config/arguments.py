@@ -43,10 +43,15 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    from library.cli import add_console_log_arguments
+    from library.training.initial_step import add_initial_step_arguments
+    from library.training.trackers import add_tracker_arguments
+
     group = parser.add_argument_group("training loop")
     group.add_argument("--max_train_steps", type=int, default=1600)
     group.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    add_initial_step_arguments(group)
     group.add_argument("--max_nonfinite_steps", type=int, metavar="N", default=3,
                        help="stop after this many steps in a row with a NaN/inf loss (each is skipped; default 3)")
     group.add_argument("--seed", type=int, default=None)
@@ -55,7 +60,8 @@ def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--full_bf16", action="store_true", help="train bf16 weights (no fp32 master copy)")
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument("--logging_dir", default=None, help="TensorBoard log folder (enables logging)")
-    group.add_argument("--log_with", choices=["tensorboard"], default=None)
+    add_tracker_arguments(group)
+    add_console_log_arguments(group)
     group.add_argument("--log_prefix", default=None, help="prefix of the run folder under --logging_dir")
     group.add_argument("--loss_log_every", type=int, default=None,
                        help="log the mean loss every N steps (default: ten lines per run)")
@@ -73,6 +79,10 @@ def add_full_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate_general_args(args: argparse.Namespace) -> None:
+    from library.training.initial_step import validate_initial_step_args
+    from library.training.trackers import validate_tracker_args
+
+    validate_initial_step_args(args)
     positive = ["max_train_steps", "max_train_epochs", "gradient_accumulation_steps", "save_every_n_steps",
                 "save_every_n_epochs", "save_last_n_steps", "save_last_n_epochs", "loss_log_every",
                 "save_last_n_steps_state", "save_last_n_epochs_state", "max_nonfinite_steps"]
@@ -84,8 +94,7 @@ def validate_general_args(args: argparse.Namespace) -> None:
         raise UserError("--full_fp16 needs --mixed_precision fp16")
     if args.full_bf16 and args.mixed_precision != "bf16":
         raise UserError("--full_bf16 needs --mixed_precision bf16")
-    if args.log_with and not args.logging_dir:
-        raise UserError("--log_with needs --logging_dir (the folder the logs go to)")
+    validate_tracker_args(args)
     if args.save_last_n_steps and not args.save_every_n_steps:
         raise UserError("--save_last_n_steps needs --save_every_n_steps")
     if args.save_last_n_epochs and not args.save_every_n_epochs:
@@ -111,6 +120,8 @@ def validate_caching_flags(args: argparse.Namespace) -> None:
 
 def build_parser(family, mode: str) -> argparse.ArgumentParser:
     from library.config.dataset_args import add_dataset_arguments
+    from library.config.sd_scripts_compat import add_compat_arguments
+    from library.training.attention import add_attention_arguments
     from library.data.dataset import add_caching_arguments, add_data_loading_arguments
     from library.data.text_encoder_cache import add_text_encoder_cache_arguments
     from library.training.lr_schedulers import add_lr_scheduler_arguments
@@ -134,12 +145,14 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     add_sampling_arguments(parser)
     add_validation_arguments(parser)
     add_ema_arguments(parser)
+    add_attention_arguments(parser)
     if mode == "network":
         from networks.network_arguments import add_network_arguments
 
         add_network_arguments(parser)
     else:
         add_full_finetune_arguments(parser)
+    add_compat_arguments(parser, family.name, mode)
     return parser
 
 
@@ -147,6 +160,9 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     """Parse and validate a training run's flags; returns (the family configured with its validated
     settings for this mode, the arguments)."""
     from library.config.config_file import parse_args_with_config_file
+    from library.cli import apply_console_log_args
+    from library.config.sd_scripts_compat import log_accepted_flags
+    from library.training.optimizers import apply_optimizer_switches
     from library.data.text_encoder_cache import validate_text_cache_args
     from library.training.ema import validate_ema_args
     from library.training.modes import MODE_KINDS
@@ -157,9 +173,16 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
         raise ValueError(f"unknown training mode {mode!r}")
     kind = MODE_KINDS[mode]
     args = parse_args_with_config_file(build_parser(family, mode), argv)
+    apply_console_log_args(args)
+    log_accepted_flags(args, family.name, mode)
+    apply_optimizer_switches(args)
+    if mode == "network":
+        from networks.network_arguments import resolve_numbered_text_encoder_lrs
+
+        resolve_numbered_text_encoder_lrs(args)
     validate_general_args(args)
     validate_sampling_args(args)
     validate_validation_args(args)
     validate_ema_args(args)
-    validate_text_cache_args(args, kind)
+    validate_text_cache_args(args, kind, family.text_cache_trains_denoiser_only)
     return family.configure(args, kind), args

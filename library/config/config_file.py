@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from library.config.sd_scripts_compat import REFUSED_DEST, is_refused_action, problem_line
 from library.errors import UserError, did_you_mean
 
 _NOT_GIVEN = object()  # a config value meaning "as if the flag were not on the command line"
@@ -49,17 +50,27 @@ def _parse_toml_text(text: str) -> dict:
 
 
 def parse_args_with_config_file(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse `argv`, taking defaults from the file given with `--config_file` (added if missing)."""
+    """Parse `argv`, taking defaults from the file given with `--config_file` (added if missing).
+
+    Unknown flags and keys, and flags refused with a reason (library/config/sd_scripts_compat.py),
+    are all reported in one UserError, from the command line and the file together."""
     argv = sys.argv[1:] if argv is None else list(argv)
     config_action = _find_action(parser, "config_file")
     if config_action is None:
         config_action = parser.add_argument("--config_file", default=None,
                                             help="TOML file holding any of these arguments")
-    config_path = _peek_config_file(parser, config_action, argv)
+    config_path, problems = _peek_command_line(parser, config_action, argv)
+    stored: dict[str, Any] = {}
+    appended: dict[argparse.Action, list] = {}
+    if config_path is not None:
+        stored, appended, file_problems = _values_from_file(parser, config_action, config_path)
+        problems += file_problems
+    if problems:
+        raise UserError(problems[0] if len(problems) == 1 else
+                        f"{len(problems)} flags or keys cannot be used:\n  " + "\n  ".join(problems))
     if config_path is None:
         return parser.parse_args(argv)
 
-    stored, appended = _values_from_file(parser, config_action, config_path)
     # A required flag set in the file must not make argparse complain that it is missing.
     from_file = [action for action in parser._actions if action.dest in stored or action in appended]
     with _not_required(from_file):
@@ -75,18 +86,41 @@ def _find_action(parser: argparse.ArgumentParser, dest: str) -> argparse.Action 
     return next((action for action in parser._actions if action.dest == dest and action.option_strings), None)
 
 
-def _peek_config_file(parser: argparse.ArgumentParser, config_action: argparse.Action, argv: list[str]) -> str | None:
-    """The --config_file value, found by the parser itself (so abbreviations resolve the same way)."""
+def _peek_command_line(parser: argparse.ArgumentParser, config_action: argparse.Action,
+                       argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the --config_file value, found by the parser itself so abbreviations resolve the same way;
+    one line per refused or unknown flag on the command line)."""
     groups = [group for group in parser._mutually_exclusive_groups if group.required]
     for group in groups:
         group.required = False
     try:
         with _not_required(parser._actions):
-            known, _ = parser.parse_known_args(argv)
+            known, extras = parser.parse_known_args(argv)
     finally:
         for group in groups:
             group.required = True
-    return getattr(known, config_action.dest)
+    names = list(getattr(known, REFUSED_DEST, [])) + _unknown_names(extras)
+    return getattr(known, config_action.dest), [problem_line(name, parser) for name in dict.fromkeys(names)]
+
+
+def _unknown_names(extras: list[str]) -> list[str]:
+    """Flag names among argparse's leftovers (values of unknown flags are skipped; a stray value is named)."""
+    names, after_flag = [], False
+    for token in extras:
+        if token.startswith("-") and len(token) > 1 and not _is_number(token):
+            names.append(token.lstrip("-").split("=", 1)[0])
+            after_flag = True
+        elif not after_flag:
+            names.append(token)
+    return names
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -101,16 +135,19 @@ def _not_required(actions: list[argparse.Action]):
             action.required = True
 
 
-def _values_from_file(parser, config_action, path) -> tuple[dict[str, Any], dict[argparse.Action, list]]:
-    """(dest -> value for the namespace, append-type action -> list), all checked and converted."""
+def _values_from_file(parser, config_action, path) -> tuple[dict[str, Any], dict[argparse.Action, list], list[str]]:
+    """(dest -> value for the namespace, append-type action -> list, one line per unknown or refused key)."""
     by_name = _actions_by_name(parser)
     stored: dict[str, Any] = {}
     appended: dict[argparse.Action, list] = {}
+    problems: list[str] = []
     for key, (value, where) in _flatten_sections(load_toml(path), path).items():
         action = by_name.get(key)
-        if action is None:
-            hint = did_you_mean(key, by_name)
-            raise UserError(f"{path}: unknown key `{where}`: no flag --{key} in this script{hint}")
+        if action is None or is_refused_action(action):
+            problems.append(f"{path}: `{where}`: " + problem_line(key, parser).split(": ", 1)[1]
+                            if action is not None else
+                            f"{path}: unknown key `{where}`: no flag --{key} in this script{did_you_mean(key, _usable_names(by_name))}")
+            continue
         if action is config_action:
             raise UserError(f"{path}: `{where}`: a config file cannot name another config file")
         names_the_flag = key in (option.lstrip("-") for option in action.option_strings)
@@ -121,7 +158,11 @@ def _values_from_file(parser, config_action, path) -> tuple[dict[str, Any], dict
             appended[action] = converted
         else:
             stored[action.dest] = converted
-    return stored, appended
+    return stored, appended, problems
+
+
+def _usable_names(by_name: dict[str, argparse.Action]) -> list[str]:
+    return [name for name, action in by_name.items() if not is_refused_action(action)]
 
 
 def _flatten_sections(document: dict, path) -> dict[str, tuple[Any, str]]:
@@ -145,7 +186,8 @@ def _actions_by_name(parser: argparse.ArgumentParser) -> dict[str, argparse.Acti
         for option in action.option_strings:
             names.setdefault(option.lstrip("-"), action)
     for action in flags:
-        names.setdefault(action.dest, action)
+        if not is_refused_action(action):
+            names.setdefault(action.dest, action)
     return names
 
 

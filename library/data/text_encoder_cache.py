@@ -65,9 +65,11 @@ def text_cache_requested(args: argparse.Namespace) -> bool:
                 or getattr(args, "cache_text_encoder_outputs_to_disk", False))
 
 
-def validate_text_cache_args(args: argparse.Namespace, kind: "ModeKind") -> None:
+def validate_text_cache_args(args: argparse.Namespace, kind: "ModeKind", denoiser_only_fallback: bool = False) -> None:
     """Reject flag combinations where cached outputs would silently change what trains (`kind`: the
-    training mode's kind, library/training/modes.py)."""
+    training mode's kind, library/training/modes.py). With `denoiser_only_fallback` (the family's
+    text_cache_trains_denoiser_only), a LoRA run that did not ask for text-encoder training
+    explicitly turns to --network_train_unet_only with one log line, as sd-scripts does there."""
     variants = getattr(args, "text_encoder_cache_variants", None)
     if not text_cache_requested(args):
         for flag in ("text_encoder_cache_variants", "text_encoder_cache_dir"):
@@ -76,9 +78,19 @@ def validate_text_cache_args(args: argparse.Namespace, kind: "ModeKind") -> None
         return
     if variants is not None and variants < 1:
         raise UserError(f"--text_encoder_cache_variants must be at least 1 (got {variants})")
+    if denoiser_only_fallback and _may_drop_text_encoder_training(args, kind):
+        logger.info("--cache_text_encoder_outputs: cached outputs cannot train the text encoders; training the "
+                    "denoiser LoRA only (as with --network_train_unet_only, like sd-scripts)")
+        args.network_train_unet_only = True
     if kind.trains_text_encoders(args):
         raise UserError("cached text-encoder outputs cannot train the text encoders: "
                         f"use {kind.text_encoder_off_switch}, or drop --cache_text_encoder_outputs")
+
+
+def _may_drop_text_encoder_training(args: argparse.Namespace, kind: "ModeKind") -> bool:
+    """A LoRA run that trains text encoders only by default (no --text_encoder_lr, not text-encoder-only)."""
+    return (not kind.is_full_fine_tune and kind.trains_text_encoders(args) and args.text_encoder_lr is None
+            and not args.network_train_text_encoder_only)
 
 
 @dataclass

@@ -185,6 +185,9 @@ class ModelFamily(ABC):
     settings_class: type = FamilySettings
     network_arg_keys: tuple[str, ...] = ()  # --network_args keys the family reads (networks.lora sees the rest)
     metadata_flags: tuple[str, ...] = ()  # family flags written into LoRA/model metadata as ss_<flag>
+    # With cached text-encoder outputs, a LoRA run trains the denoiser only, with one log line (sd-scripts'
+    # FLUX/SD3/Lumina scripts), instead of refusing the combination (its SD/SDXL scripts).
+    text_cache_trains_denoiser_only: bool = False
 
     def __init__(self, settings: Optional[FamilySettings] = None) -> None:
         self.settings = settings if settings is not None else self.settings_class()

@@ -159,6 +159,7 @@ class FluxFamily(ModelFamily):
     name = "flux"
     display_name = "FLUX.1"
     base_model_version = "flux1"
+    text_cache_trains_denoiser_only = True
     metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
     settings_class = FluxSettings
     network_arg_keys = FAMILY_NETWORK_ARGS

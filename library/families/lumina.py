@@ -59,6 +59,7 @@ class LuminaFamily(ModelFamily):
     name = "lumina"
     display_name = "Lumina Image 2.0"
     base_model_version = "lumina2"
+    text_cache_trains_denoiser_only = True
     metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
     modelspec_name = "lumina-2"
     sample_size_multiple = 16  # 8 pixels per latent cell, 2x2 cells per token

@@ -103,6 +103,7 @@ class SD3Family(ModelFamily):
     name = "sd3"
     display_name = "SD3/SD3.5"
     base_model_version = "sd3"
+    text_cache_trains_denoiser_only = True
     metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
     modelspec_name = "stable-diffusion-v3"
     settings_class = SD3Settings

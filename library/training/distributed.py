@@ -90,7 +90,9 @@ def build_accelerator(args):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    log_with = args.log_with or ("tensorboard" if args.logging_dir else None)
+    from library.training.trackers import tracker_names
+
+    log_with = tracker_names(args) or None
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.logging_dir)
     return Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, project_config=project,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],

@@ -1,7 +1,10 @@
 """Learning-rate schedule flags and the scheduler factory, with sd-scripts' names and rules.
 
 Named schedules (constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial)
-come from `diffusers.optimization.get_scheduler`; `adafactor` is transformers' AdafactorSchedule,
+come from `diffusers.optimization.get_scheduler`; sd-scripts' transformers ones from
+transformers.optimization: warmup_stable_decay (`--lr_decay_steps` steps or ratio of decay at the end,
+down to `--lr_scheduler_min_lr_ratio`), cosine_with_min_lr (cosine down to that ratio) and
+inverse_sqrt (`--lr_scheduler_timescale`, default the warmup steps); `adafactor` is transformers' AdafactorSchedule,
 which only reports the learning rate Adafactor computes itself; `--lr_scheduler_type` takes any
 scheduler class (a `torch.optim.lr_scheduler` name or a dotted path) built with `--lr_scheduler_args`.
 `--lr_warmup_steps` is a step count, or a ratio of the training steps when below 1 ("0.05" or "5%").
@@ -20,8 +23,9 @@ from library.training.optimizers import is_schedule_free, parse_key_values
 
 logger = logging.getLogger(__name__)
 
+TRANSFORMERS_SCHEDULERS = ("warmup_stable_decay", "cosine_with_min_lr", "inverse_sqrt")
 NAMED_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                    "polynomial", "adafactor")
+                    "polynomial", *TRANSFORMERS_SCHEDULERS, "adafactor")
 
 
 def steps_or_ratio(text: str) -> int | float:
@@ -47,26 +51,32 @@ def add_lr_scheduler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr_scheduler_num_cycles", type=int, default=1,
                        help="number of hard restarts of cosine_with_restarts")
     group.add_argument("--lr_scheduler_power", type=float, default=1.0, help="power of the polynomial schedule")
+    group.add_argument("--lr_decay_steps", type=steps_or_ratio, default=0,
+                       help="warmup_stable_decay: decay steps at the end, or a ratio of the training steps when below 1")
+    group.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
+                       help="warmup_stable_decay / cosine_with_min_lr: the lowest learning rate as a ratio of the initial one")
+    group.add_argument("--lr_scheduler_timescale", type=int, default=None,
+                       help="inverse_sqrt: timescale in steps (default: --lr_warmup_steps)")
     group.add_argument("--lr_scheduler_type", default="",
                        help="any scheduler class instead: a torch.optim.lr_scheduler name or a dotted path")
     group.add_argument("--lr_scheduler_args", nargs="*", default=None,
                        help='key=value arguments of --lr_scheduler_type, e.g. "T_max=100"')
 
 
-def resolve_warmup_steps(value, num_training_steps: int) -> int:
-    """Warmup as a step count: ints are steps, floats below 1 a ratio of the training steps."""
+def resolve_warmup_steps(value, num_training_steps: int, flag: str = "--lr_warmup_steps") -> int:
+    """Warmup (or decay) as a step count: ints are steps, floats below 1 a ratio of the training steps."""
     if isinstance(value, str):
         try:
             value = steps_or_ratio(value)
         except argparse.ArgumentTypeError as e:
-            raise UserError(f"--lr_warmup_steps: {e}") from None
+            raise UserError(f"{flag}: {e}") from None
     if isinstance(value, float) and not value.is_integer():
         if not 0 < value < 1:
-            raise UserError(f"--lr_warmup_steps {value}: give a whole number of steps or a ratio between 0 and 1")
+            raise UserError(f"{flag} {value}: give a whole number of steps or a ratio between 0 and 1")
         return int(value * num_training_steps)
     steps = int(value or 0)
     if steps < 0:
-        raise UserError(f"--lr_warmup_steps must not be negative (got {steps})")
+        raise UserError(f"{flag} must not be negative (got {steps})")
     return steps
 
 
@@ -112,16 +122,41 @@ def _check_named_options(args, name: str, warmup: int, num_training_steps: int) 
         raise UserError(f"--lr_scheduler_num_cycles must be at least 1 (got {cycles})")
     if power != 1.0 and name != "polynomial":
         raise UserError(f"--lr_scheduler_power is used only by polynomial (got --lr_scheduler {name})")
+    users = {"lr_decay_steps": ("warmup_stable_decay",), "lr_scheduler_timescale": ("inverse_sqrt",),
+             "lr_scheduler_min_lr_ratio": ("warmup_stable_decay", "cosine_with_min_lr")}
+    for flag, schedules in users.items():
+        if getattr(args, flag, None) and name not in schedules:
+            raise UserError(f"--{flag} is used only by {' / '.join(schedules)} (got --lr_scheduler {name})")
 
 
 def _named_scheduler(args, optimizer, name: str, warmup: int, num_training_steps: int):
     from diffusers.optimization import get_scheduler
 
+    if name in TRANSFORMERS_SCHEDULERS:
+        return _transformers_scheduler(args, optimizer, name, warmup, num_training_steps)
     try:
         return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps,
                              num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power)
     except ValueError as e:  # e.g. polynomial's end lr (1e-7) not below --learning_rate
         raise UserError(f"--lr_scheduler {name}: {e}") from e
+
+
+def _transformers_scheduler(args, optimizer, name: str, warmup: int, num_training_steps: int):
+    from transformers import optimization
+
+    min_ratio = getattr(args, "lr_scheduler_min_lr_ratio", None) or 0.0
+    if name == "inverse_sqrt":
+        return optimization.get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup,
+                                                      timescale=getattr(args, "lr_scheduler_timescale", None) or None)
+    if name == "cosine_with_min_lr":
+        return optimization.get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=warmup, num_training_steps=num_training_steps, min_lr_rate=min_ratio)
+    decay = resolve_warmup_steps(getattr(args, "lr_decay_steps", 0), num_training_steps, "--lr_decay_steps")
+    if warmup + decay > num_training_steps:
+        raise UserError(f"--lr_warmup_steps ({warmup}) and --lr_decay_steps ({decay}) exceed the {num_training_steps} "
+                        "training steps")
+    return optimization.get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=decay,
+                                         num_stable_steps=num_training_steps - warmup - decay, min_lr_ratio=min_ratio)
 
 
 def _is_relative_step_adafactor(optimizer) -> bool:

@@ -96,7 +96,8 @@ class NetworkMode(TrainingMode):
 
     @property
     def trains_text_encoder(self) -> bool:
-        return bool(self.network.text_encoder_modules) and self.args.text_encoder_lr != 0
+        lrs = self.args.text_encoder_lr
+        return bool(self.network.text_encoder_modules) and not (lrs and all(lr == 0 for lr in lrs))
 
     def prepare(self, components) -> list[dict]:
         from networks.network_arguments import create_network_kwargs, import_network_module

@@ -32,16 +32,33 @@ logger = logging.getLogger(__name__)
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, default_learning_rate: float = 2e-6) -> None:
     group = parser.add_argument_group("optimizer")
-    group.add_argument("--optimizer_type", default="AdamW",
+    group.add_argument("--optimizer_type", default=None,
                        help="AdamW (default), AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, PagedLion8bit, SGDNesterov, "
                             "SGDNesterov8bit, Prodigy, Adafactor, AdamWScheduleFree, RAdamScheduleFree, ... or a "
                             "class by dotted path such as torch.optim.SGD")
+    group.add_argument("--use_8bit_adam", action="store_true", help="same as --optimizer_type AdamW8bit (sd-scripts' old switch)")
+    group.add_argument("--use_lion_optimizer", action="store_true", help="same as --optimizer_type Lion (sd-scripts' old switch)")
     group.add_argument("--optimizer_args", nargs="*", default=None,
                        help='extra optimizer arguments as key=value, e.g. "weight_decay=0.01" "betas=0.9,0.999"')
     group.add_argument("--learning_rate", type=float, default=default_learning_rate,
                        help=f"learning rate (default {default_learning_rate:g})")
     group.add_argument("--max_grad_norm", type=float, default=1.0,
                        help="clip gradients to this total norm; 0 disables clipping (default 1.0)")
+
+
+_OLD_SWITCHES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
+
+
+def apply_optimizer_switches(args: argparse.Namespace) -> None:
+    """sd-scripts' --use_8bit_adam / --use_lion_optimizer become --optimizer_type, as there; one at a time."""
+    given = [flag for flag in _OLD_SWITCHES if getattr(args, flag, False)]
+    if len(given) > 1:
+        raise UserError("--use_8bit_adam and --use_lion_optimizer exclude each other; give one --optimizer_type")
+    if not given:
+        return
+    if args.optimizer_type:
+        raise UserError(f"--{given[0]} and --optimizer_type {args.optimizer_type} exclude each other; keep one")
+    args.optimizer_type = _OLD_SWITCHES[given[0]]
 
 
 @dataclass(frozen=True)

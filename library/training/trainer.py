@@ -138,8 +138,10 @@ class Trainer:
 
     # ----- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
+        from library.training.attention import apply_attention_backend
         from library.training.distributed import build_accelerator
         from library.training.ema import EMATracker
+        from library.training.initial_step import initial_position
         from library.training.lr_schedulers import build_lr_scheduler
         from library.training.metadata import training_metadata
         from library.training.optimizers import build_optimizer, describe_optimizer, set_optimizer_train_mode
@@ -166,6 +168,7 @@ class Trainer:
         if not needs_vae:
             logger.info("all latents cached: the VAE is not loaded")
         components = self.family.load(args, with_vae=needs_vae)
+        apply_attention_backend(args, components.denoiser, accelerator.device)
         weight_dtype = torch_dtype(args.mixed_precision)
         param_groups = self.mode.prepare(components)
         self._place_components(components, accelerator.device, weight_dtype)
@@ -185,6 +188,7 @@ class Trainer:
         position = TrainingPosition(global_step=0, epoch=1, batch_index=0, seed=seed)
         if resume_folder:
             position = load_training_state(accelerator, resume_folder)
+        position = initial_position(args, position, steps_per_epoch, num_batches, max_steps)
 
         metadata = training_metadata(args, self.family, components, dataset, describe_optimizer(args, optimizer),
                                      num_batches_per_epoch=num_batches, num_epochs=num_epochs,
@@ -247,13 +251,15 @@ class _Run:
     def loop(self, position: TrainingPosition, num_epochs: int) -> None:
         from tqdm.auto import tqdm
 
+        from library.training.trackers import start_trackers
+
         args = self.args
         progress = tqdm(total=self.max_steps, initial=position.global_step, desc="steps",
                         disable=not self.accelerator.is_local_main_process)
         logger.info("training %d steps: %d epochs of %d batches (gradient accumulation %d, %d processes)",
                     self.max_steps, num_epochs, self.num_batches, args.gradient_accumulation_steps,
                     self.accelerator.num_processes)
-        self.accelerator.init_trackers(args.log_prefix or "train")
+        start_trackers(self.accelerator, args)
         with StopRequest() as self.stop:
             if self.sampler.due_at_first(position.global_step):
                 self._sample(0, epoch=0)
