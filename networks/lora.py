@@ -6,7 +6,9 @@ learning-rate ratios) but is family-agnostic: which layers get LoRA and how they
 comes from the family's targets. The layer adapters live in networks/lora_modules.py (one layer) and
 networks/lora_fused.py (layers a file fuses, e.g. FLUX's qkv), file reading/writing in
 networks/lora_files.py. Targets may set per-module ranks (`module_rank`) and ask for PEFT/diffusers
-keys instead of kohya names (`save_format`, written by `diffusers_state_dict`).
+keys instead of kohya names (`save_format`, written by `diffusers_state_dict`). With `use_dora=True`
+(or LyCORIS' LoHa/LoKr through networks/lycoris.py, which builds the same network) the modules are
+networks/weight_adapters.py's, saved with LyCORIS' keys.
 """
 
 from __future__ import annotations
