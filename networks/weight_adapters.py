@@ -23,9 +23,10 @@ from torch import nn
 
 from library.errors import UserError, did_you_mean
 from library.lora_deltas import dora_scale_of, dora_weight, factorization, loha_delta, lokr_delta
+from networks.lora_fused import MemberHooks, row_ranges
 
 
-class WeightAdapter(nn.Module):
+class WeightAdapter(MemberHooks, nn.Module):
     """A weight change added to one layer (or a fused group of Linears) by forward hooks."""
 
     kind = ""
@@ -38,10 +39,7 @@ class WeightAdapter(nn.Module):
         self.is_conv = isinstance(members[0], nn.Conv2d)
         sizes = [member.weight.shape[0] for member in members]
         self.weight_shape = (sum(sizes), *members[0].weight.shape[1:])
-        offsets = [0]
-        for size in sizes:
-            offsets.append(offsets[-1] + size)
-        self.row_ranges = [(offsets[j], offsets[j + 1]) for j in range(len(members))]
+        self.row_ranges = row_ranges(sizes)
         alpha = float(rank if not alpha else alpha)  # alpha 0 or None means alpha = rank
         self.register_buffer("alpha", torch.tensor(alpha))
         self.scale = alpha / rank
@@ -52,8 +50,7 @@ class WeightAdapter(nn.Module):
             self.dora_scale = nn.Parameter(dora_scale_of(self.original_weight().float()))
         else:
             self.dora_scale = None
-        self._hook_handles: list = []
-        self._shared = None  # (input, change or None when module-dropped, members still to use it)
+        self._hook_handles = []
 
     # --- subclasses ---------------------------------------------------------------------------
 
@@ -62,10 +59,6 @@ class WeightAdapter(nn.Module):
         raise NotImplementedError
 
     # --- the weight change ----------------------------------------------------------------------
-
-    @property
-    def members(self) -> tuple:
-        return self._original
 
     def original_weight(self) -> torch.Tensor:
         weights = [member.weight.detach() for member in self.members]
@@ -83,51 +76,17 @@ class WeightAdapter(nn.Module):
         """The weight change (multiplier included) in float32, for checks and merging."""
         return self.weight_change().detach().float()
 
-    # --- hooks ----------------------------------------------------------------------------------
+    # --- hooks (networks/lora_fused.MemberHooks) --------------------------------------------------
 
-    @property
-    def is_attached(self) -> bool:
-        return bool(self._hook_handles)
-
-    def attach(self) -> None:
-        if self.is_attached:
-            raise RuntimeError(f"{self.kind} {self.lora_name} is already attached")
-        for index, member in enumerate(self.members):
-            self._hook_handles.append(member.register_forward_hook(self._member_hook(index), with_kwargs=True))
-
-    def detach(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles = []
-        self._shared = None
-
-    def _member_hook(self, index: int):
-        def add_change(layer, args, kwargs, output):
-            x = args[0] if args else kwargs["input"]
-            change = self._shared_change(x)
-            if change is None:  # module dropout skipped this module for every member
-                return output
-            start, stop = self.row_ranges[index]
-            return output + self._apply(layer, x, change[start:stop]).to(output.dtype)
-
-        return add_change
-
-    def _shared_change(self, x: torch.Tensor):
-        shared = self._shared
-        if shared is not None and shared[0] is x:
-            remaining = shared[2] - 1
-            self._shared = (shared[0], shared[1], remaining) if remaining else None
-            return shared[1]
+    def shared_value(self, x: torch.Tensor):
+        """The change of the whole (fused) weight, or None when module dropout skips every member."""
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
-            change = None
-        else:
-            change = self.weight_change()
-        remaining = len(self.members) - 1
-        self._shared = (x, change, remaining) if remaining else None
-        return change
+            return None
+        return self.weight_change()
 
-    @staticmethod
-    def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def member_output(self, index: int, layer: nn.Module, x: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        start, stop = self.row_ranges[index]
+        weight = change[start:stop]
         x = x.to(weight.dtype)
         if isinstance(layer, nn.Conv2d):
             return nn.functional.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation)

@@ -48,6 +48,17 @@ def sample_input(layer):
     return torch.randn(2, 5, 24) if isinstance(layer, nn.Linear) else torch.randn(2, 40, 6, 6)
 
 
+def assert_hooked_output_equals(ours, layer, peft_model):
+    """The layer with our module hooked in computes what PEFT's adapted model computes."""
+    x = sample_input(layer)
+    expected = peft_model(x)
+    ours.attach()
+    try:
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        ours.detach()
+
+
 @pytest.mark.parametrize("dimension", list(range(1, 130)) + [320, 640, 768, 1280, 3072, 9216, 12288])
 def test_factorization_equals_peft(dimension):
     """PEFT's copy of LyCORIS' factorization, except that LyCORIS (and we) order a dividing factor's pair
@@ -70,13 +81,7 @@ def test_loha_equals_peft_loha(kind):
         for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
             getattr(theirs, name)["default"].copy_(getattr(ours, name))
     torch.testing.assert_close(ours.delta_weight(), theirs.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
-    x = sample_input(layer)
-    expected = model(x)
-    ours.attach()
-    try:
-        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    finally:
-        ours.detach()
+    assert_hooked_output_equals(ours, layer, model)
 
 
 @pytest.mark.parametrize("kind,decompose_both,rank", [("linear", False, 2), ("linear", True, 1), ("conv", False, 1),
@@ -96,13 +101,7 @@ def test_lokr_equals_peft_lokr(kind, decompose_both, rank):
         for name in peft_names:
             getattr(theirs, name)["default"].copy_(getattr(ours, name).reshape(getattr(theirs, name)["default"].shape))
     torch.testing.assert_close(ours.delta_weight(), theirs.get_delta_weight("default"), rtol=1e-5, atol=1e-6)
-    x = sample_input(layer)
-    expected = model(x)
-    ours.attach()
-    try:
-        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
-    finally:
-        ours.detach()
+    assert_hooked_output_equals(ours, layer, model)
 
 
 def test_linear_dora_equals_peft_dora_on_the_transpose():

@@ -182,9 +182,10 @@ def test_flux_dora_merges_into_the_fused_bfl_qkv_and_fuses_into_the_separate_lay
 
     lora = trained("flux", "dora")
     tensors = load_file(lora)
-    transformer = models["flux_files"]["transformer"]
-    out = str(tmp_path / "merged.safetensors")
-    merge_lora(["--model", transformer, "--loras", lora, "--save_to", out])
+    files = models["flux_files"]
+    transformer, out = files["transformer"], str(tmp_path / "merged.safetensors")
+    merge_lora(["--family", "flux", "--model", transformer, "--loras", lora, "--save_to", out,
+                "--text_encoders", files["clip_l"], "--save_text_encoders_to", str(tmp_path / "clip_l.safetensors")])
     before, after = load_file(transformer), load_file(out)
     for name, tensor_name in (("lora_unet_double_blocks_0_img_attn_qkv", "double_blocks.0.img_attn.qkv.weight"),
                               ("lora_unet_single_blocks_1_linear1", "single_blocks.1.linear1.weight")):
