@@ -18,7 +18,7 @@ these are the published formulas; tests compare them with PEFT's LoHa/LoKr/DoRA 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
 from library.errors import UserError
@@ -252,7 +252,3 @@ def weights_from_parts(name: str, parts: dict[str, "torch.Tensor"], path: str) -
 
 def is_plain_lora(weights: _Weights) -> bool:
     return isinstance(weights, LoraPair) and weights.dora_scale is None
-
-
-def field_names(kind) -> list[str]:
-    return [f.name for f in fields(kind)]

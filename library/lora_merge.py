@@ -406,7 +406,8 @@ def merge_loras(loras: list[MergeLora], concat: bool, new_rank: Optional[int], n
     families = {detect_family(f"{name}.lora_down.weight" for name in lora.pairs) for lora in loras} - {"unknown"}
     if len(families) > 1:
         raise UserError(f"the LoRAs are for different models ({', '.join(sorted(families))}); merge LoRAs of one family")
-    variant = next(((name, pair) for lora in loras for name, pair in lora.pairs.items() if not is_plain_lora(pair)), None)
+    variant = next(((name, pair) for lora in loras for name, pair in lora.pairs.items()
+                    if not is_plain_lora(pair)), None)
     if variant is not None:
         raise UserError(f"merging into one LoRA takes plain LoRA pairs; {variant[0]} is a {variant[1].label} module. "
                         "Merge such files into a checkpoint (--model) instead")

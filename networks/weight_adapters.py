@@ -211,7 +211,8 @@ def _load_module(module: nn.Module, name: str, file_tensors: dict[str, torch.Ten
     file_alpha = file_tensors["alpha"].float().item()
     our_alpha = ours["alpha"].to(file_tensors["alpha"].dtype).float().item()
     if file_alpha != our_alpha:
-        raise UserError(f"{path}: module `{name}` has alpha {file_alpha:g} but this network's is {ours['alpha'].item():g}; "
+        raise UserError(f"{path}: module `{name}` has alpha {file_alpha:g} but this network's is "
+                        f"{ours['alpha'].item():g}; "
                         f"use --network_alpha {file_alpha:g} (conv_alpha for 3x3 convolutions) to continue this file")
     module.load_state_dict({**file_tensors, "alpha": ours["alpha"]})
 

@@ -157,8 +157,9 @@ def test_merge_loha_into_sd_checkpoint_equals_w_plus_delta(trained, models, tmp_
     lora = trained("sd", "loha")
     pipe = StableDiffusionPipeline.from_pretrained(models["sd"], local_files_only=True)
     single = save_sd15_single_file(pipe, str(tmp_path / "base.safetensors"))
-    merge_lora(["--model", single, "--loras", lora, "--ratios", "0.7", "--save_to", str(tmp_path / "merged.safetensors")])
-    before, after, tensors = load_file(single), load_file(tmp_path / "merged.safetensors"), load_file(lora)
+    merged = str(tmp_path / "merged.safetensors")
+    merge_lora(["--model", single, "--loras", lora, "--ratios", "0.7", "--save_to", merged])
+    before, after, tensors = load_file(single), load_file(merged), load_file(lora)
     slices = get_family("sd").lora_file_layout().checkpoint_slices(read_header(single).meta_tensors(), "checkpoint")
     checked = 0
     for tensor_name, pieces in slices.items():
@@ -242,3 +243,14 @@ def test_convert_keeps_variants_in_kohya_and_comfy_and_refuses_diffusers(trained
     shown = capsys.readouterr().out
     assert "ss_network_module: lycoris.kohya" in shown
     assert "LoHa" in shown and "Stable Diffusion 1.x" in shown
+
+
+def test_merges_a_variant_cannot_make_are_refused(trained, models, tmp_path):
+    from tools.merge_lora import merge_lora
+
+    with pytest.raises(UserError, match="merging into one LoRA takes plain LoRA pairs; .* is a LoHa module"):
+        merge_lora(["--loras", trained("sd", "loha"), "--save_to", str(tmp_path / "one.safetensors"), "--concat"])
+    with pytest.raises(UserError, match="DoRA module lora_unet_.* rescales a weight that this model stores in separate"):
+        merge_lora(["--family", "flux", "--model", models["flux"], "--loras", trained("flux", "dora"),
+                    "--save_to", str(tmp_path / "folder")])
+    assert not (tmp_path / "folder").exists()
