@@ -42,13 +42,18 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return best, dimension // best
 
 
-def dora_weight(weight: "torch.Tensor", dora_scale: "torch.Tensor") -> "torch.Tensor":
-    """weight * dora_scale / (its norm per input channel + eps): DoRA on the input axis (LyCORIS, ComfyUI)."""
+def dora_change(weight: "torch.Tensor", delta: "torch.Tensor", dora_scale: "torch.Tensor") -> "torch.Tensor":
+    """W' - W for DoRA on the input axis (LyCORIS, ComfyUI): W' = (W + delta) * s with s = dora_scale / (the
+    norm of W + delta per input channel + eps). Computed in float32 as W (s - 1) + delta s, so a small
+    change keeps its precision even when W and delta are half-precision tensors."""
     import torch
 
-    columns = weight.transpose(0, 1).reshape(weight.shape[1], -1)
-    norm = columns.norm(dim=1).reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
-    return weight * (dora_scale.to(weight.dtype) / (norm + torch.finfo(weight.dtype).eps))
+    weight, delta = weight.float(), delta.float()
+    changed = weight + delta
+    columns = changed.transpose(0, 1).reshape(changed.shape[1], -1)
+    norm = columns.norm(dim=1).reshape(1, changed.shape[1], *[1] * (changed.dim() - 2))
+    factor = dora_scale.float() / (norm + torch.finfo(torch.float32).eps)
+    return weight * (factor - 1) + delta * factor
 
 
 def dora_scale_of(weight: "torch.Tensor") -> "torch.Tensor":
@@ -127,7 +132,7 @@ class _Weights:
         if original is None:
             raise UserError(f"DoRA module {name} rescales a weight that this model stores in separate pieces "
                             "(e.g. q, k and v of a fused qkv); merge it into a checkpoint that keeps them fused")
-        return (dora_weight(original + delta, self.dora_scale.float().to(original.device)) - original) * ratio
+        return dora_change(original, delta, self.dora_scale.to(original.device)) * ratio
 
 
 def _f32(tensor, device):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from library.errors import UserError, did_you_mean
-from library.lora_deltas import dora_scale_of, dora_weight, factorization, loha_delta, lokr_delta
+from library.lora_deltas import dora_change, dora_scale_of, factorization, loha_delta, lokr_delta
 from networks.lora_fused import MemberHooks, row_ranges
 
 
@@ -69,8 +69,8 @@ class WeightAdapter(MemberHooks, nn.Module):
         delta = self.unscaled_delta() * self.scale
         if self.dora_scale is None:
             return delta * self.multiplier
-        original = self.original_weight().to(delta.dtype)
-        return (dora_weight(original + delta, self.dora_scale) - original) * self.multiplier
+        change = dora_change(self.original_weight(), delta, self.dora_scale) * self.multiplier
+        return change.to(delta.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The weight change (multiplier included) in float32, for checks and merging."""

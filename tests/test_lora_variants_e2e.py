@@ -254,3 +254,22 @@ def test_merges_a_variant_cannot_make_are_refused(trained, models, tmp_path):
         merge_lora(["--family", "flux", "--model", models["flux"], "--loras", trained("flux", "dora"),
                     "--save_to", str(tmp_path / "folder")])
     assert not (tmp_path / "folder").exists()
+
+
+def test_resume_from_state_continues_exactly(models, tmp_path):
+    """LoKr + DoRA with module dropout on FLUX (fused qkv): stop at the step-2 state, resume, and end with
+    the file of the run never stopped, bit for bit (CPU)."""
+    common = ["--pretrained_model_name_or_path", models["flux"], "--train_data_dir", models["images"],
+              "--resolution", "64", "--output_name", "out", "--seed", "7", "--train_batch_size", "2",
+              "--learning_rate", "1e-2", "--max_train_steps", "4", "--network_dim", "4", "--network_alpha", "2",
+              "--save_every_n_steps", "2", "--save_state", *FAMILY_FLAGS["flux"], "--network_module", "lycoris.kohya",
+              "--network_args", "algo=lokr", "dora_wd=True", "module_dropout=0.3"]
+    run_training("flux", "network", [*common, "--output_dir", str(tmp_path / "full")])
+    state = tmp_path / "full" / "out-step00000002-state"
+    run_training("flux", "network", [*common, "--output_dir", str(tmp_path / "resumed"), "--resume", str(state)])
+    uninterrupted = load_file(tmp_path / "full" / "out.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "out.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    assert all(torch.equal(uninterrupted[key], resumed[key]) for key in uninterrupted)
+    step2 = load_file(tmp_path / "full" / "out-step00000002.safetensors")
+    assert any(not torch.equal(step2[key], uninterrupted[key]) for key in step2)
