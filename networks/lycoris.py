@@ -78,13 +78,11 @@ def _factor(text: str) -> int:
     return factor
 
 
-def create_network(
-    targets: list[LoraTarget], *, network_dim: int | None, network_alpha: float | None,
-    network_dropout: float | None = None, network_args: dict[str, str] | None = None,
-    train_unet: bool = True, train_text_encoder: bool = True, multiplier: float = 1.0,
-) -> LoRANetwork:
-    """The LyCORIS network on the targets' layers (not yet hooked in: call apply_to())."""
-    options = parse_lora_options(network_dim, network_alpha, network_dropout, network_args)
+def create_network(targets: list[LoraTarget], *, train_unet: bool = True, train_text_encoder: bool = True,
+                   multiplier: float = 1.0, **option_flags) -> LoRANetwork:
+    """The LyCORIS network on the targets' layers (not yet hooked in: call apply_to()); option_flags are
+    parse_lora_options' network_dim, network_alpha, network_dropout and network_args."""
+    options = parse_lora_options(**option_flags)
     preset = options.network_args.get("preset", "full").lower()
     if preset == "full" and options.conv_dim is None and _has_conv3x3(targets):
         options = replace(options, conv_dim=options.dim, conv_alpha=options.alpha)  # LyCORIS' defaults
