@@ -5,10 +5,11 @@ file format (kohya keys, alpha scaling, conv_dim for 3x3 convolutions, rank/modu
 learning-rate ratios) but is family-agnostic: which layers get LoRA and how they are named in files
 comes from the family's targets. The layer adapters live in networks/lora_modules.py (one layer) and
 networks/lora_fused.py (layers a file fuses, e.g. FLUX's qkv), file reading/writing in
-networks/lora_files.py. Targets may set per-module ranks (`module_rank`) and ask for PEFT/diffusers
-keys instead of kohya names (`save_format`, written by `diffusers_state_dict`). With `use_dora=True`
-(or LyCORIS' LoHa/LoKr through networks/lycoris.py, which builds the same network) the modules are
-networks/weight_adapters.py's, saved with LyCORIS' keys.
+networks/lora_files.py. Targets may set per-module ranks (`module_rank`), number their blocks for
+sd-scripts' per-block ranks and learning rates (`block_layout`, networks/lora_blocks.py) and ask for
+PEFT/diffusers keys instead of kohya names (`save_format`, written by `diffusers_state_dict`).
+With `use_dora=True` (or LyCORIS' LoHa/LoKr through networks/lycoris.py, which builds the same network)
+the modules are networks/weight_adapters.py's, saved with LyCORIS' keys.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from library.errors import UserError, did_you_mean
 from library.families.base import LoraTarget
+from networks.lora_blocks import BLOCK_KEYS, BlockPlan, parse_block_arg
 from networks.lora_files import file_alpha, group_by_module, read_lora_file, save_lora_file
 from networks.lora_fused import FusedLoRAModule
 from networks.lora_modules import FoundLayer, LoRAModule, find_lora_layers
@@ -88,6 +90,7 @@ class LoRAOptions:
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
     network_args: dict[str, str] = field(default_factory=dict)  # as the user wrote them, for metadata
+    block_args: dict = field(default_factory=dict)  # the per-block keys, parsed (networks/lora_blocks.py)
     use_dora: bool = False
     algo: str = "lora"  # "lora", "loha" or "lokr" (networks/lycoris.py sets the others)
     factor: int = -1  # LoKr's factorization limit
@@ -118,12 +121,16 @@ def parse_lora_options(
         raise UserError(f"--network_alpha must not be negative (got {alpha}); 0 means alpha = rank")
     if network_dropout is not None and not 0 <= network_dropout < 1:
         raise UserError(f"--network_dropout must be in [0, 1) (got {network_dropout})")
-    values = {}
+    values, block_args = {}, {}
     for key, text in network_args.items():
+        if key in BLOCK_KEYS:
+            block_args[key] = parse_block_arg(key, str(text).strip())
+            continue
         if key not in NETWORK_ARG_PARSERS:
+            known = (*NETWORK_ARG_PARSERS, *BLOCK_KEYS)
             raise UserError(
-                f"--network_args: unknown key `{key}` for networks.lora{did_you_mean(key, NETWORK_ARG_PARSERS)}; "
-                f"known keys: {', '.join(NETWORK_ARG_PARSERS)}"
+                f"--network_args: unknown key `{key}` for networks.lora{did_you_mean(key, known)}; "
+                f"known keys: {', '.join(known)}"
             )
         values[key] = NETWORK_ARG_PARSERS[key](key, str(text).strip())
     if "conv_alpha" in values and "conv_dim" not in values:
@@ -132,7 +139,8 @@ def parse_lora_options(
         values.setdefault("conv_alpha", DEFAULT_CONV_ALPHA)
     if values.get("use_dora"):
         check_weight_adapter_dropouts("use_dora", network_dropout, values.get("rank_dropout"))
-    return LoRAOptions(dim=dim, alpha=alpha, dropout=network_dropout, network_args=network_args, **values)
+    return LoRAOptions(dim=dim, alpha=alpha, dropout=network_dropout, network_args=network_args, block_args=block_args,
+                       **values)
 
 
 def check_weight_adapter_dropouts(what: str, network_dropout: float | None, rank_dropout: float | None) -> None:
@@ -151,9 +159,11 @@ def check_weight_adapter_dropouts(what: str, network_dropout: float | None, rank
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model; its state dict is a kohya LoRA file."""
 
-    def __init__(self, options: LoRAOptions, layers: list[tuple[LoraTarget, FoundLayer]], multiplier: float = 1.0):
+    def __init__(self, options: LoRAOptions, layers: list[tuple[LoraTarget, FoundLayer]], multiplier: float = 1.0,
+                 plans: dict[str, BlockPlan] | None = None):
         super().__init__()
         self.options = options
+        self._plans = plans or {}  # target prefix -> its per-block plan
         self.multiplier = multiplier
         self._by_name: dict[str, LoRAModule] = {}
         self._text_encoder_names: set[str] = set()
@@ -171,7 +181,7 @@ class LoRANetwork(nn.Module):
         if name in self._by_name:
             raise ValueError(f"two layers map to the LoRA name {name}; the family's rename is not one-to-one")
         o = self.options
-        rank, alpha = (o.conv_dim, o.conv_alpha) if found.is_conv3x3 else (module_rank(target, name, o.dim), o.alpha)
+        rank, alpha = module_shape(target, found, o, self._plans.get(target.prefix))
         if o.uses_weight_adapters:
             members = [layer for _, layer in found.members] or [found.layer]
             module = build_weight_adapter(o, name, members, rank, alpha, self.multiplier)
@@ -249,10 +259,25 @@ class LoRANetwork(nn.Module):
             for module in modules:
                 module.requires_grad_(trainable)
             if trainable:
-                groups += self._param_groups(part, modules, lr, self.options.loraplus_ratio(is_text_encoder))
+                for name, block_modules, weight in self._lr_blocks(part, modules):
+                    groups += self._param_groups(name, block_modules, lr * weight,
+                                                 self.options.loraplus_ratio(is_text_encoder))
         if not groups:
             raise UserError("every learning rate is 0 (--unet_lr/--text_encoder_lr/--learning_rate): nothing to train")
         return groups
+
+    def _lr_blocks(self, part: str, modules: list[LoRAModule]) -> list[tuple[str, list[LoRAModule], float]]:
+        """(group name, modules, lr weight): one entry per block where a per-block lr weight is set
+        (sd-scripts' `unet_block<N>` groups), else one for the whole part."""
+        plan = next((plan for plan in self._plans.values() if plan.lr_weights is not None), None)
+        if plan is None:
+            return [(part, modules, 1.0)]
+        blocks: dict = {}
+        for module in modules:
+            block = plan.block_of(module.lora_name)
+            name = part if block is None else f"{part}_block{block}"
+            blocks.setdefault(block, (name, [], plan.lr_weight(module.lora_name)))[1].append(module)
+        return list(blocks.values())
 
     @staticmethod
     def _param_groups(part: str, modules: list[LoRAModule], lr: float, loraplus_ratio: float | None) -> list[dict]:
@@ -344,6 +369,9 @@ class LoRANetwork(nn.Module):
         module = self._by_name[name]
         rank_flag, alpha_flag = (("--network_args conv_dim", "--network_args conv_alpha")
                                  if name in self._conv3x3_names else ("--network_dim", "--network_alpha"))
+        if any(plan.block_of(name) is not None for plan in self._plans.values()):
+            conv = "conv_" if name in self._conv3x3_names else ""
+            rank_flag, alpha_flag = f"--network_args {conv}block_dims", f"--network_args {conv}block_alphas"
         file_rank = file_module.down.shape[0]
         if file_rank != module.rank:
             raise UserError(f"{path}: module `{name}` has rank {file_rank} but {rank_flag} is {module.rank}; "
@@ -392,20 +420,44 @@ def build_network(targets: list[LoraTarget], options: LoRAOptions, train_unet: b
     if not chosen:
         part = "text encoder" if train_text_encoder and not train_unet else "denoiser"
         raise UserError(f"this model has no {part} LoRA can train; drop --network_train_*_only")
+    plans = block_plans(chosen, options)
     layers = []
     for target in chosen:
-        found = find_lora_layers(target, with_conv3x3=options.conv_dim is not None)
+        plan = plans.get(target.prefix)
+        found = find_lora_layers(target, with_conv3x3=options.conv_dim is not None or bool(plan and plan.with_conv3x3))
         if not found:
             raise ValueError(f"LoRA target {target.prefix} has no Linear/Conv2d inside {target.container_classes}")
-        layers += [(target, layer) for layer in found
-                   if layer.is_conv3x3 or module_rank(target, target.file_name(layer.path), options.dim) != 0]
+        layers += [(target, layer) for layer in found if module_shape(target, layer, options, plan)[0] != 0]
     if not layers:
         raise UserError("the --network_args select no module to train (every rank is 0 or every block is left out)")
     _reject_ineffective_options(options, layers)
-    network = LoRANetwork(options, layers, multiplier)
+    network = LoRANetwork(options, layers, multiplier, plans)
     logger.info("LoRA network: %d modules, rank %d, alpha %g%s", len(layers), options.dim, options.alpha,
                 f", 3x3 convs rank {options.conv_dim} alpha {options.conv_alpha:g}" if options.conv_dim else "")
     return network
+
+
+def block_plans(targets: list[LoraTarget], options: LoRAOptions) -> dict[str, BlockPlan]:
+    """Target prefix -> its per-block plan, for the targets with numbered blocks (the UNet)."""
+    if not options.block_args:
+        return {}
+    layouts = {t.prefix: t.block_layout for t in targets if t.block_layout is not None and not t.is_text_encoder}
+    if not layouts:
+        BlockPlan.build(None, options.block_args, options.dim, options.alpha, options.conv_dim, options.conv_alpha)
+    return {prefix: BlockPlan.build(layout, options.block_args, options.dim, options.alpha, options.conv_dim,
+                                    options.conv_alpha) for prefix, layout in layouts.items()}
+
+
+def module_shape(target: LoraTarget, found: FoundLayer, options: LoRAOptions, plan: BlockPlan | None):
+    """(rank, alpha) of the module on `found`: its block's, else the target's per-module rank, else
+    the network's (--network_dim/--network_alpha, or conv_dim/conv_alpha for a 3x3 conv). Rank 0: no module."""
+    name = target.file_name(found.path)
+    shape = plan.rank_alpha(name, found.is_conv3x3) if plan else None
+    if shape is not None:
+        return shape
+    if found.is_conv3x3:
+        return (options.conv_dim or 0), options.conv_alpha
+    return module_rank(target, name, options.dim), options.alpha
 
 
 def module_rank(target: LoraTarget, name: str, default: int) -> int:

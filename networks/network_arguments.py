@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 from types import ModuleType
 
 from library.errors import UserError, did_you_mean
@@ -38,8 +39,11 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                        help="dropout probability on the LoRA down projection's output while training")
     group.add_argument("--network_args", nargs="*", default=None, metavar="KEY=VALUE",
                        help="extra LoRA settings: conv_dim, conv_alpha, rank_dropout, module_dropout, "
-                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio, use_dora; "
-                            "lycoris.kohya also: algo, preset, factor, decompose_both, dora_wd")
+                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio, use_dora; per-block "
+                            "(SD/SDXL): block_dims, block_alphas, conv_block_dims, conv_block_alphas, "
+                            "down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold; family keys "
+                            "(FLUX, SD3) in the family guides; lycoris.kohya also: algo, preset, factor, "
+                            "decompose_both, dora_wd")
     group.add_argument("--network_weights", default=None,
                        help="LoRA file (.safetensors) to start from; its ranks and alphas must match the flags")
     group.add_argument("--network_train_unet_only", action="store_true",
@@ -64,6 +68,27 @@ def parse_network_args(entries: list[str] | None) -> dict[str, str]:
             raise UserError(f"--network_args gives `{key}` twice ({parsed[key]} and {value}); keep one")
         parsed[key] = value
     return parsed
+
+
+def family_network_args(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, str]:
+    """The --network_args entries a model family reads itself (its `network_arg_keys`)."""
+    parsed = parse_network_args(getattr(args, "network_args", None))
+    return {k: v for k, v in parsed.items() if k in keys}
+
+
+def parse_block_selection(key: str, text: str) -> set[int] | None:
+    """A block-index selection (sd-scripts' train_*_block_indices): "all" -> None (every block),
+    "none"/"" -> empty, "0-3,7" -> {0, 1, 2, 3, 7}."""
+    text = text.strip()
+    if text == "all":
+        return None
+    chosen: set = set()
+    for part in filter(None, (p.strip() for p in text.split(",") if text != "none")):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            raise UserError(f"--network_args {key}={text}: use all, none or indices and ranges like 0-3,7")
+        chosen.update(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
+    return chosen
 
 
 def import_network_module(name: str) -> ModuleType:

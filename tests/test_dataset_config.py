@@ -303,15 +303,48 @@ def test_unknown_section_suggests_datasets(tmp_path):
                               f"(did you mean `datasets`?)")
 
 
-@pytest.mark.parametrize("key, value", [
-    ("face_crop_aug_range", "[2.0, 4.0]"), ("cache_info", "true"), ("custom_attributes", "{ a = 1 }"),
-    ("resize_interpolation", '"lanczos"'), ("network_multiplier", "1.0"),
-    ("conditioning_data_dir", '"c"'), ("system_prompt", '"x"'),
+@pytest.mark.parametrize("key, value, reason", [
+    ("face_crop_aug_range", "[2.0, 4.0]", "sd-scripts reads face positions from file names (name_cx_cy_w_h.png)"),
+    ("custom_attributes", "{ a = 1 }", "it passes per-subset attributes to sd-scripts' own model code"),
+    ("network_multiplier", "1.0", "per-dataset LoRA strength is not implemented"),
+    ("system_prompt", '"x"', "per-dataset system prompts are not implemented; Lumina 2 takes --system_prompt"),
 ])
-def test_unsupported_sd_scripts_options_are_rejected_by_name(tmp_path, key, value):
+def test_unsupported_sd_scripts_options_are_rejected_by_name_with_the_reason(tmp_path, key, value, reason):
     path = write(tmp_path / "ds.toml", f"[general]\n{key} = {value}\n")
-    assert error_of(path) == (f"{path}: general.{key}: the sd-scripts option `{key}` is not supported (yet) here; "
-                              f"remove it")
+    message = error_of(path)
+    assert message.startswith(f"{path}: general.{key}: the sd-scripts option `{key}` is not supported: {reason}")
+    assert message.endswith("; remove it")
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("in_json", "`in_json` is the command-line flag; in a dataset config write metadata_file"),
+    ("dataset_repeats", "`dataset_repeats` is the command-line flag; in a dataset config write num_repeats"),
+])
+def test_command_line_names_in_a_dataset_config_name_the_key(tmp_path, key, expected):
+    path = write(tmp_path / "ds.toml", one_subset(f'{key} = "x"'))
+    assert error_of(path) == f"{path}: datasets[0].subsets[0].{key}: {expected}"
+
+
+def test_cache_info_is_accepted_and_said_to_do_nothing(tmp_path, caplog):
+    make_dirs(tmp_path, "a")
+    path = write(tmp_path / "ds.toml", "[general]\ncache_info = true\n" + one_subset(f'image_dir = "{tmp_path.as_posix()}/a"'))
+    with caplog.at_level(logging.INFO, logger="library.config.dataset_config"):
+        assert load_file(path).datasets[0].subsets[0].image_dir.endswith("/a")
+    assert "cache_info: image sizes are read from the image headers" in caplog.text
+
+
+def test_resize_interpolation_cascades_and_is_checked(tmp_path):
+    make_dirs(tmp_path, "a", "b")
+    root = tmp_path.as_posix()
+    text = ('[general]\nresize_interpolation = "bicubic"\n[[datasets]]\n[[datasets.subsets]]\n'
+            f'image_dir = "{root}/a"\n[[datasets.subsets]]\nimage_dir = "{root}/b"\nresize_interpolation = "nearest"\n')
+    subsets = load_file(write(tmp_path / "ds.toml", text)).datasets[0].subsets
+    assert [subset.resize_interpolation for subset in subsets] == ["bicubic", "nearest"]
+    flag = load_file(write(tmp_path / "flag.toml", one_subset(f'image_dir = "{root}/a"')), "--resize_interpolation", "box")
+    assert flag.datasets[0].subsets[0].resize_interpolation == "box"
+    bad = write(tmp_path / "bad.toml", one_subset(f'image_dir = "{root}/a"\nresize_interpolation = "lanczos3"'))
+    assert error_of(bad) == (f"{bad}: datasets[0].subsets[0].resize_interpolation: expected one of lanczos, nearest, "
+                             "bilinear, linear, bicubic, cubic, area, box (did you mean `lanczos`?), got 'lanczos3'")
 
 
 @pytest.mark.parametrize("toml_text, expected", [
@@ -462,7 +495,8 @@ def test_unpassed_dataset_flags_are_none_so_passed_ones_can_be_detected():
         "enable_wildcard", "caption_prefix", "caption_suffix", "caption_dropout_rate", "caption_dropout_every_n_epochs",
         "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "flip_aug", "color_aug", "random_crop",
         "alpha_mask", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
-        "trigger_word", "caption_from_path"}
+        "trigger_word", "caption_from_path", "resize_interpolation", "dataset_repeats", "in_json",
+        "conditioning_data_dir"}
 
 
 def test_schema_tables_match_the_spec_dataclasses():
@@ -471,5 +505,5 @@ def test_schema_tables_match_the_spec_dataclasses():
 
     assert set(dataset_config.CAPTION_OPTIONS) == names(CaptionOptions)
     assert set(dataset_config.SUBSET_OPTIONS) | set(dataset_config.SUBSET_ONLY_OPTIONS) == \
-        (names(SubsetSpec) - {"captions"}) | names(CaptionOptions)
+        (names(SubsetSpec) - {"captions"}) | names(CaptionOptions) | set(dataset_config.WITHOUT_EFFECT_OPTIONS)
     assert set(dataset_config.DATASET_OPTIONS) | {"is_validation"} == names(DatasetSpec) - {"subsets"}

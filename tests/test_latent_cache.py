@@ -135,8 +135,8 @@ def test_disk_cache_written_then_reused(folder):
     assert metadata == {
         "format_version": CACHE_FORMAT_VERSION, "family": "fake", "latent_channels": "4", "vae": "",
         "identity_keys": "family,latent_channels,vae", "bucket": "64x64", "original_size": "64x64",
-        "resized_size": "64x64", "crop_left_top": "0,0", "source_size": str(stat.st_size),
-        "source_mtime_ns": str(stat.st_mtime_ns), "flip": "0", "alpha_mask": "1",
+        "resized_size": "64x64", "resize_interpolation": "default", "crop_left_top": "0,0",
+        "source_size": str(stat.st_size), "source_mtime_ns": str(stat.st_mtime_ns), "flip": "0", "alpha_mask": "1",
     }
 
     batch = dataset.make_batch([SampleRef(0, 0), SampleRef(2, 0)], 1, 0)
@@ -182,6 +182,41 @@ def test_bucket_change_makes_cache_stale(folder):
     counts = cache(new, CountingVae())
     assert (counts.encoded, counts.reused) == (3, 0)
     assert new.cached_latents(entry).path == os.path.join(folder, "a_0064x0032_fake.safetensors")
+
+
+def test_resize_interpolation_change_makes_cache_stale(folder):
+    """The resize filter is part of the cache key: cached latents of other pixels are never reused."""
+    write_png(os.path.join(folder, "big.png"), size=(96, 96), color=(10, 200, 30))
+    cache(make_dataset(folder), CountingVae())
+    nearest = make_dataset(folder, resize_interpolation="nearest")
+    big = next(entry for entry in nearest.entries if entry.image_path.endswith("big.png"))
+    path = cache_file_path(big, FakeStrategy())
+    assert not is_cache_valid(path, big, FakeStrategy(), need_flip=False)
+    assert cache(nearest, CountingVae()).encoded == 4
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["resize_interpolation"] == "nearest"
+    assert cache(make_dataset(folder, resize_interpolation="nearest"), CountingVae()).reused == 4
+
+
+def test_mask_images_are_cached_and_a_changed_mask_makes_the_cache_stale(folder, tmp_path):
+    masks = tmp_path / "masks"
+    for name in ("a", "b", "c"):
+        write_png(str(masks / f"{name}.png"), color=(255, 0, 0))
+    cache(make_dataset(folder, conditioning_data_dir=str(masks)), CountingVae())
+    dataset = make_dataset(folder, conditioning_data_dir=str(masks))
+    entry = dataset.entries[1]
+    path = cache_file_path(entry, FakeStrategy())
+    assert is_cache_valid(path, entry, FakeStrategy(), need_flip=False)
+    with safe_open(path, framework="pt") as f:
+        assert torch.equal(f.get_tensor("alpha_mask"), torch.ones(1, 64, 64))
+    half = np.zeros((64, 64, 3), dtype=np.uint8)
+    half[:, :32, 0] = 255
+    Image.fromarray(half).save(masks / "b.png")
+    os.utime(masks / "b.png", ns=(0, os.stat(masks / "b.png").st_mtime_ns + 1_000_000_000))
+    assert not is_cache_valid(path, entry, FakeStrategy(), need_flip=False)
+    assert cache(dataset, CountingVae()).encoded == 1
+    latents, alpha = dataset.cached_latents(entry).load(False)
+    assert torch.equal(alpha[0, :, :32], torch.ones(64, 32)) and torch.equal(alpha[0, :, 32:], torch.zeros(64, 32))
 
 
 def test_family_identity_change_makes_cache_stale(folder):

@@ -123,6 +123,25 @@ def test_full_fine_tune_writes_an_original_single_file(tiny_lumina, demo_image_r
     assert not torch.equal(trained["layers.0.attn.to_q.weight"], original["layers.0.attn.to_q.weight"])
 
 
+def test_full_fine_tune_saved_as_diffusers_loads_in_lumina2_pipeline(tiny_lumina, demo_image_root, tmp_path):
+    """--save_model_as diffusers: a whole Lumina2Pipeline folder whose transformer is the trained one
+    (the same run saved as the original single file holds the same weights)."""
+    from diffusers import Lumina2Pipeline
+
+    from library.models.lumina_checkpoint import load_lumina_transformer
+
+    _, files = tiny_lumina
+    common = ["--max_train_steps", "2", "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",
+              "scale_parameter=False", "warmup_init=False"]
+    train("full", single_file_args(files), demo_image_root, tmp_path / "st", *common)
+    train("full", single_file_args(files), demo_image_root, tmp_path / "df", *common, "--save_model_as", "diffusers")
+    pipe = Lumina2Pipeline.from_pretrained(str(tmp_path / "df" / "out"), local_files_only=True)
+    trained = load_lumina_transformer(str(tmp_path / "st" / "out.safetensors")).state_dict()
+    folder = pipe.transformer.state_dict()
+    assert folder.keys() == trained.keys() and all(torch.equal(folder[k], trained[k]) for k in folder)
+    assert pipe.text_encoder is not None and pipe.vae is not None and pipe.tokenizer is not None
+
+
 def test_script_rejects_flags_without_effect(tiny_lumina, tmp_path):
     folder, _ = tiny_lumina
     result = run_script("lumina_train_network.py", "--pretrained_model_name_or_path", folder, "--output_dir",

@@ -145,6 +145,31 @@ def test_full_finetune_writes_a_single_file_that_loads_back(tiny_sd3, demo_image
     assert all(encoder is not None for encoder in saved.text_encoders)
 
 
+def test_full_finetune_saved_as_diffusers_and_ckpt_hold_the_trained_weights(tiny_sd3, demo_image_root, tmp_path):
+    """--save_model_as diffusers_safetensors: a StableDiffusion3Pipeline folder; ckpt: sd-scripts' torch
+    file with the SAI single file's tensors. Same seed, same weights as the safetensors run."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from library.models.sd3_checkpoint import load_sd3_single_file
+
+    _, files = tiny_sd3
+    model_args = ["--pretrained_model_name_or_path", files["checkpoint"], "--t5_tokenizer", files["t5_tokenizer"]]
+    common = ["--max_train_steps", "2", "--cache_text_encoder_outputs_to_disk"]
+    train("full", model_args, demo_image_root, tmp_path / "st", *common)
+    train("full", model_args, demo_image_root, tmp_path / "df", *common, "--save_model_as", "diffusers_safetensors")
+    train("full", model_args, demo_image_root, tmp_path / "ck", *common, "--save_model_as", "ckpt")
+    single_path = str(tmp_path / "st" / "out.safetensors")
+    trained = load_sd3_single_file(single_path).transformer.state_dict()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "df" / "out"), local_files_only=True)
+    folder = pipe.transformer.state_dict()
+    assert folder.keys() == trained.keys() and all(torch.equal(folder[k], trained[k]) for k in folder)
+    checkpoint = torch.load(str(tmp_path / "ck" / "out.ckpt"), map_location="cpu", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 2)
+    single = load_file(single_path)
+    assert checkpoint["state_dict"].keys() == single.keys()
+    assert all(torch.equal(checkpoint["state_dict"][k], single[k]) for k in single)
+
+
 def test_network_script_runs_and_rejects_flux_flags(tiny_sd3, demo_image_root, tmp_path):
     folder, _ = tiny_sd3
     bad = run_script("sd3_train_network.py", "--pretrained_model_name_or_path", folder, "--train_data_dir",

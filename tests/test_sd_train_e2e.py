@@ -113,6 +113,24 @@ def test_full_finetune_single_file_and_diffusers_folder_agree(tiny_sd15_folder, 
         torch.testing.assert_close(te_single[name], weight, atol=tolerance, rtol=0)
 
 
+def test_full_finetune_saved_as_ckpt_loads_back_without_unpickling_code(tiny_sd15_folder, demo_image_root, tmp_path):
+    """--save_model_as ckpt (sd-scripts' fine-tune guides): {"state_dict", "epoch", "global_step"} with the
+    single file's tensors; torch.load(weights_only=True) and our SD loader read it."""
+    from library.models.sd_checkpoint import load_sd_single_file
+
+    common = ["--max_train_steps", "2", "--save_every_n_steps", "1"]
+    train("full", tiny_sd15_folder, demo_image_root, tmp_path / "st", *common)
+    train("full", tiny_sd15_folder, demo_image_root, tmp_path / "ck", *common, "--save_model_as", "ckpt")
+    assert sorted(os.listdir(tmp_path / "ck")) == ["out-step00000001.ckpt", "out.ckpt"]
+    checkpoint = torch.load(str(tmp_path / "ck" / "out.ckpt"), map_location="cpu", weights_only=True)
+    single = load_file(tmp_path / "st" / "out.safetensors")
+    assert checkpoint["global_step"] == 2 and checkpoint["state_dict"].keys() == single.keys()
+    assert all(torch.equal(checkpoint["state_dict"][key], single[key]) for key in single)
+    loaded = load_sd_single_file(str(tmp_path / "ck" / "out.ckpt"))
+    unet_key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(loaded.unet.conv_in.weight, single[unet_key])
+
+
 def test_resume_from_state_matches_uninterrupted_run(tiny_sd15_folder, demo_image_root, tmp_path):
     """Stop after the step-3 state save, resume, and end with the same LoRA as a run never stopped."""
     common = lora_args("--max_train_steps", "6", "--gradient_accumulation_steps", "2", "--shuffle_caption",

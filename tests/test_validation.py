@@ -67,8 +67,33 @@ def test_a_dataset_marked_is_validation_is_held_out_whole(tmp_path):
                           1, 1.0, None)[1] is None
 
 
+def test_validation_split_one_makes_the_whole_dataset_validation_data(tmp_path):
+    """sd-scripts' validation_split = 1.0 (its FLUX guide): the dataset only scores, another one trains."""
+    first, second = write_images(tmp_path / "a", 3), write_images(tmp_path / "b", 4)
+    spec = spec_from(tmp_path, f"[general]\nresolution = 32\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{first}'\n"
+                               f"[[datasets]]\nvalidation_split = 1.0\n  [[datasets.subsets]]\n  image_dir = '{second}'\n")
+    train, validation = build_datasets(spec, 1, 1.0, None)
+    assert sorted(os.path.basename(e.image_path) for e in validation.entries) == [f"img{i}.png" for i in range(4)]
+    assert all("/a/" in e.image_path for e in train.entries) and len(train.entries) == 3
+    alone = spec_from(tmp_path, f"[general]\nvalidation_split = 1.0\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = '{first}'\n")
+    with pytest.raises(UserError, match="every training image of .* is validation data"):
+        build_datasets(alone, 1, 1.0, None)
+
+
+def test_validation_split_flag_range_points_to_is_validation():
+    from library.training.validation import validate_validation_args
+
+    args = Namespace(validate_every_n_steps=None, validate_every_n_epochs=None, max_validation_steps=None,
+                     validation_split=1.5)
+    with pytest.raises(UserError, match=r"--validation_split must be from 0 to 1 \(got 1.5\).*is_validation = true"):
+        validate_validation_args(args)
+    validate_validation_args(Namespace(**{**vars(args), "validation_split": 1.0}))
+
+
 @pytest.mark.parametrize("text, message", [
-    ("[general]\nvalidation_split = 1.0\n", "general.validation_split: expected a number at least 0 and below 1, got 1.0"),
+    ("[general]\nvalidation_split = 1.5\n", "general.validation_split: expected a number from 0 to 1 (1 = the whole "
+                                            "dataset is validation data, which is_validation = true in its [[datasets]] "
+                                            "also says), got 1.5"),
     ("[general]\nis_validation = true\n", "general.is_validation: `is_validation` cannot be set here; it belongs in [[datasets]]"),
 ])
 def test_validation_options_are_checked(tmp_path, text, message):

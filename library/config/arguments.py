@@ -4,7 +4,7 @@ Flag names and meanings follow sd-scripts so users' commands and `--config_file`
 This module owns the general training flags (output, saving, steps, precision, logging, resume) and
 composes them with the groups owned elsewhere: dataset (config/dataset_args.py), caching
 (data/dataset.py), noise and loss (training/noise.py), optimizer and LR schedule, sample images
-(training/sampling.py), validation loss (training/validation.py), the family's own
+(training/sampling.py), validation loss (training/validation.py), EMA (training/ema.py), the family's own
 flags, and either the network flags (networks/network_arguments.py) or the full fine-tune flags.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from library.errors import UserError
+from library.models.saved_formats import SAVE_MODEL_FORMATS
 
 TRAINING_MODES = ("network", "full")
 
@@ -66,7 +67,9 @@ def add_full_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train_text_encoder", action="store_true", help="also train the text encoder(s)")
     group.add_argument("--learning_rate_te", type=float, default=None,
                        help="learning rate of the text encoder (default: --learning_rate)")
-    group.add_argument("--save_model_as", choices=["safetensors", "diffusers"], default="safetensors")
+    group.add_argument("--save_model_as", choices=SAVE_MODEL_FORMATS, default="safetensors",
+                       help="safetensors (one file), ckpt (sd-scripts' torch file, same tensors), diffusers or "
+                            "diffusers_safetensors (a diffusers folder, safetensors weights either way)")
 
 
 def validate_general_args(args: argparse.Namespace) -> None:
@@ -111,6 +114,7 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     from library.data.dataset import add_caching_arguments, add_data_loading_arguments
     from library.data.text_encoder_cache import add_text_encoder_cache_arguments
     from library.training.lr_schedulers import add_lr_scheduler_arguments
+    from library.training.ema import add_ema_arguments
     from library.training.optimizers import add_optimizer_arguments
     from library.training.sampling import add_sampling_arguments
     from library.training.validation import add_validation_arguments
@@ -129,6 +133,7 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     add_lr_scheduler_arguments(parser)
     add_sampling_arguments(parser)
     add_validation_arguments(parser)
+    add_ema_arguments(parser)
     if mode == "network":
         from networks.network_arguments import add_network_arguments
 
@@ -143,6 +148,7 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     settings for this mode, the arguments)."""
     from library.config.config_file import parse_args_with_config_file
     from library.data.text_encoder_cache import validate_text_cache_args
+    from library.training.ema import validate_ema_args
     from library.training.modes import MODE_KINDS
     from library.training.sampling import validate_sampling_args
     from library.training.validation import validate_validation_args
@@ -154,5 +160,6 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     validate_general_args(args)
     validate_sampling_args(args)
     validate_validation_args(args)
+    validate_ema_args(args)
     validate_text_cache_args(args, kind)
     return family.configure(args, kind), args

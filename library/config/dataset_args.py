@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 
 # Flags whose config-file key differs from the flag name (sd-scripts' mapping).
-FLAG_TO_CONFIG_KEY = {"train_batch_size": "batch_size"}
+FLAG_TO_CONFIG_KEY = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
+
+# sd-scripts' resize_interpolation names (its --resize_interpolation choices).
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -53,6 +56,11 @@ _OPTION_FLAGS: list[tuple[str, dict]] = [
     ("color_aug", dict(action="store_true", help="random hue shifts (not with latent caching)")),
     ("random_crop", dict(action="store_true", help="random instead of centred crops (not with latent caching)")),
     ("alpha_mask", dict(action="store_true", help="use the alpha channel of images as the loss mask")),
+    ("resize_interpolation", dict(
+        choices=RESIZE_INTERPOLATIONS,
+        help="filter that resizes images to their bucket (default: area when shrinking, else lanczos)")),
+    ("dataset_repeats", dict(
+        type=int, help="repeats of each image where the subset gives none, e.g. with --in_json (default: 1)")),
     ("enable_bucket", dict(action="store_true", help="aspect-ratio bucketing")),
     ("min_bucket_reso", dict(type=int, help="smallest bucket side (default: 256)")),
     ("max_bucket_reso", dict(type=int, help="largest bucket side (default: 1024)")),
@@ -65,7 +73,7 @@ _OPTION_FLAGS: list[tuple[str, dict]] = [
 ]
 
 # Flags that describe where the images are (only without --dataset_config).
-FOLDER_FLAGS = ("train_data_dir", "reg_data_dir")
+FOLDER_FLAGS = ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir")
 
 DATASET_OPTION_FLAGS = tuple(name for name, _ in _OPTION_FLAGS)
 
@@ -78,6 +86,12 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
                        help="folder of `N_class tokens` subfolders (N = repeats), used without --dataset_config")
     group.add_argument("--reg_data_dir", default=None, metavar="FOLDER",
                        help="folder of regularisation `N_class tokens` subfolders, used without --dataset_config")
+    group.add_argument("--in_json", default=None, metavar="FILE",
+                       help="fine-tuning metadata JSON (image -> caption/tags, sd-scripts' format) for the images "
+                            "in --train_data_dir, used without --dataset_config")
+    group.add_argument("--conditioning_data_dir", default=None, metavar="FOLDER",
+                       help="folder of loss masks for --masked_loss (same file names as the images), used "
+                            "without --dataset_config")
     for name, options in _OPTION_FLAGS:
         if options.get("action") != "store_true" and "metavar" not in options:
             options = {**options, "metavar": {int: "N", float: "X"}.get(options.get("type"), "TEXT")}

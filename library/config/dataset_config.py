@@ -6,9 +6,13 @@ subset options as defaults for its subsets) and `[[datasets.subsets]]` (subset o
 option is taken from the subset, else its dataset, else `[general]`, else the built-in default (the
 field default in `dataset_spec.py`). Values are validated with voluptuous, one schema per level, and
 every mistake becomes a `UserError` naming the file, the key path (`datasets[0].subsets[1].num_repeat`)
-and the closest valid key. sd-scripts options we do not implement are rejected by name, never ignored.
-Without a config file, each `N_class tokens` subfolder of `--train_data_dir` (and `--reg_data_dir`)
-is a DreamBooth subset with N repeats, and the dataset flags give the options.
+and the closest valid key. sd-scripts options we do not implement are rejected by name with the
+reason, never ignored; `cache_info` (sd-scripts' cache of image sizes, a start-up speed option) is
+accepted and does nothing here, since sizes come from the image headers. Without a config file, each
+`N_class tokens` subfolder of `--train_data_dir` (and `--reg_data_dir`) is a DreamBooth subset with N
+repeats, or with `--in_json` the folder and the metadata file form one fine-tuning subset
+(sd-scripts' fine_tune.py workflow); the dataset flags give the options and `--conditioning_data_dir`
+the loss masks of every subset.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from library.config.config_file import load_toml
 from library.config.dataset_args import (
     DATASET_OPTION_FLAGS,
     FOLDER_FLAGS,
+    RESIZE_INTERPOLATIONS,
     config_key_for_flag,
     flag_for_config_key,
     passed_dataset_flags,
@@ -80,10 +85,20 @@ def _number(minimum: float, maximum: float | None = None) -> Callable[[Any], flo
     return validate
 
 
-def _fraction_below_one(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise vol.Invalid("expected a number at least 0 and below 1")
+def _validation_fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise vol.Invalid("expected a number from 0 to 1 (1 = the whole dataset is validation data, "
+                          "which is_validation = true in its [[datasets]] also says)")
     return float(value)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def validate(value: Any) -> str:
+        if value not in choices:
+            raise vol.Invalid(f"expected one of {', '.join(choices)}{did_you_mean(str(value), choices)}")
+        return value
+
+    return validate
 
 
 def _resolution(value: Any) -> tuple[int, int]:
@@ -110,23 +125,37 @@ CAPTION_OPTIONS = {
 SUBSET_OPTIONS = {
     **CAPTION_OPTIONS, "num_repeats": _integer(1), "flip_aug": _boolean, "random_crop": _boolean,
     "color_aug": _boolean, "alpha_mask": _boolean, "caption_from_path": _boolean,
-    "caption_extension": _text(), "class_tokens": _text(),
+    "caption_extension": _text(), "class_tokens": _text(), "resize_interpolation": _one_of(RESIZE_INTERPOLATIONS),
+    "cache_info": _boolean,
 }
-SUBSET_ONLY_OPTIONS = {"image_dir": _text(non_empty=True), "metadata_file": _text(non_empty=True), "is_reg": _boolean}
+SUBSET_ONLY_OPTIONS = {"image_dir": _text(non_empty=True), "metadata_file": _text(non_empty=True), "is_reg": _boolean,
+                       "conditioning_data_dir": _text(non_empty=True)}
 DATASET_OPTIONS = {
     "resolution": _resolution, "batch_size": _integer(1), "enable_bucket": _boolean,
     "min_bucket_reso": _integer(1), "max_bucket_reso": _integer(1), "bucket_reso_steps": _integer(1),
-    "bucket_no_upscale": _boolean, "validation_split": _fraction_below_one, "validation_seed": _integer(0),
+    "bucket_no_upscale": _boolean, "validation_split": _validation_fraction, "validation_seed": _integer(0),
 }
 # Validation options that are also command-line flags (library/training/validation.py), like the dataset flags.
 VALIDATION_FLAGS = ("validation_split", "validation_seed")
 # Options about caption files and folders: they mean nothing for fine-tuning (metadata_file) subsets.
 DREAMBOOTH_ONLY_OPTIONS = ("is_reg", "class_tokens", "caption_extension", "caption_from_path")
-# sd-scripts accepts these in dataset files; we reject them by name rather than ignore them.
-UNSUPPORTED_SD_SCRIPTS_OPTIONS = (
-    "face_crop_aug_range", "cache_info", "conditioning_data_dir", "custom_attributes", "network_multiplier",
-    "resize_interpolation", "system_prompt", "skip_image_resolution",
-)
+# Options accepted for sd-scripts' sake that change nothing here: (option, what the log says once).
+WITHOUT_EFFECT_OPTIONS = {
+    "cache_info": "cache_info: image sizes are read from the image headers at every start (fast), so there is "
+                  "no size cache to write; the option has no effect here",
+}
+# sd-scripts accepts these in dataset files; we reject them by name, with the reason, rather than ignore them.
+UNSUPPORTED_SD_SCRIPTS_OPTIONS = {
+    "face_crop_aug_range": "sd-scripts reads face positions from file names (name_cx_cy_w_h.png) to crop around "
+                           "faces; that is not implemented here: crop the images beforehand, or use random_crop",
+    "custom_attributes": "it passes per-subset attributes to sd-scripts' own model code; nothing here reads them",
+    "network_multiplier": "per-dataset LoRA strength is not implemented",
+    "system_prompt": "per-dataset system prompts are not implemented; Lumina 2 takes --system_prompt on the command line",
+    "skip_image_resolution": "skipping images by resolution is not implemented",
+}
+# Command-line names sometimes written as dataset keys: (key, the key to use).
+COMMAND_LINE_NAMES = {"in_json": "metadata_file", "train_data_dir": "image_dir", "dataset_repeats": "num_repeats",
+                      "train_batch_size": "batch_size", "reg_data_dir": "image_dir with is_reg = true"}
 TOP_LEVEL_SECTIONS = ("general", "datasets")
 
 LEVEL_OPTIONS = {
@@ -163,7 +192,14 @@ def _describe_cli_path(path: list) -> str:
     """Options from the command line are named by their flag; the one dataset needs no name."""
     if len(path) == 2 and path[0] == "general":
         return f"--{flag_for_config_key(path[1])}"
+    if path[-1] in _FOLDER_FLAG_OF_KEY:
+        return _FOLDER_FLAG_OF_KEY[path[-1]]
     return "" if path == ["datasets", 0] else format_key_path(path)
+
+
+# Subset keys the folder flags fill in, for messages about the command line.
+_FOLDER_FLAG_OF_KEY = {"metadata_file": "--in_json", "image_dir": "--train_data_dir",
+                       "conditioning_data_dir": "--conditioning_data_dir"}
 
 
 # --- public entry point ---
@@ -285,7 +321,9 @@ def _validate_table(table: Any, level: str, path: list, source: _Source, problem
 def _explain_unknown_key(key: str, level: str, path: list) -> str:
     where = format_key_path(path)
     if key in UNSUPPORTED_SD_SCRIPTS_OPTIONS:
-        return f"{where}: the sd-scripts option `{key}` is not supported (yet) here; remove it"
+        return f"{where}: the sd-scripts option `{key}` is not supported: {UNSUPPORTED_SD_SCRIPTS_OPTIONS[key]}; remove it"
+    if key in COMMAND_LINE_NAMES:
+        return f"{where}: `{key}` is the command-line flag; in a dataset config write {COMMAND_LINE_NAMES[key]}"
     homes = [name for name, options in LEVEL_OPTIONS.items() if key in options and name != level]
     if homes:
         headers = {"general": "[general]", "dataset": "[[datasets]]", "subset": "[[datasets.subsets]]"}
@@ -305,6 +343,10 @@ def _build_group(document: dict, source: _Source) -> DatasetGroupSpec:
         raise source.error([], "no [[datasets]]: add a [[datasets]] table with at least one [[datasets.subsets]]")
     datasets = [_build_dataset(document["general"], dataset, ["datasets", index], source)
                 for index, dataset in enumerate(document["datasets"])]
+    tables = [document["general"], *document["datasets"], *(s for d in document["datasets"] for s in d["subsets"])]
+    for key, message in WITHOUT_EFFECT_OPTIONS.items():
+        if any(table.get(key) for table in tables):
+            logger.info("%s: %s", source.name, message)
     return DatasetGroupSpec(datasets=datasets, source=source.name)
 
 
@@ -353,19 +395,21 @@ def _reject_dreambooth_options(table: dict, path: list, source: _Source) -> None
 def _build_subset(options: dict, table: dict, path: list, source: _Source) -> SubsetSpec:
     if "image_dir" not in table and "metadata_file" not in table:
         raise source.error(path, "a subset needs image_dir (a folder of images) or metadata_file (fine-tuning)")
-    image_dir = _existing_path(table, "image_dir", path, source)
-    metadata_file = _existing_path(table, "metadata_file", path, source)
+    folders = {key: _existing_path(table, key, path, source)
+               for key in ("image_dir", "metadata_file", "conditioning_data_dir")}
+    for key in WITHOUT_EFFECT_OPTIONS:
+        options.pop(key, None)
     captions = CaptionOptions(**{key: value for key, value in options.items() if key in _CAPTION_FIELDS})
     others = {key: value for key, value in options.items() if key not in _CAPTION_FIELDS}
-    return SubsetSpec(image_dir=image_dir, metadata_file=metadata_file, is_reg=table.get("is_reg", False),
-                      captions=captions, **others)
+    return SubsetSpec(**folders, is_reg=table.get("is_reg", False), captions=captions, **others)
+
 
 
 def _existing_path(table: dict, key: str, path: list, source: _Source) -> str | None:
     if key not in table:
         return None
     location = os.path.expanduser(table[key])
-    is_folder = key == "image_dir"
+    is_folder = key != "metadata_file"
     found = os.path.isdir(location) if is_folder else os.path.isfile(location)
     if not found:
         kind = "folder" if is_folder else "file"
@@ -400,16 +444,37 @@ _REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
 
 
 def _load_from_folders(args: argparse.Namespace) -> DatasetGroupSpec:
-    if getattr(args, "train_data_dir", None) is None:
+    passed = set(passed_dataset_flags(args))
+    if "in_json" in passed:
+        subsets = [_metadata_subset(args, passed)]
+    elif "train_data_dir" in passed:
+        subsets = _folder_subsets(args.train_data_dir, "--train_data_dir", is_reg=False)
+        if "reg_data_dir" in passed:
+            subsets += _folder_subsets(args.reg_data_dir, "--reg_data_dir", is_reg=True)
+    else:
         raise UserError("no training images given: pass --dataset_config FILE (.toml or .json) or "
-                        "--train_data_dir FOLDER (with subfolders named like `10_sks dog`, 10 = repeats)")
-    subsets = _folder_subsets(args.train_data_dir, "--train_data_dir", is_reg=False)
-    if getattr(args, "reg_data_dir", None) is not None:
-        subsets += _folder_subsets(args.reg_data_dir, "--reg_data_dir", is_reg=True)
+                        "--train_data_dir FOLDER (with subfolders named like `10_sks dog`, 10 = repeats; "
+                        "or with --in_json METADATA.json, images directly in it)")
+    if "conditioning_data_dir" in passed:
+        for subset in subsets:
+            subset["conditioning_data_dir"] = args.conditioning_data_dir
     general = _passed_option_flags(args)
     source = _Source("<command line>", _describe_cli_path, lambda key: f"--{flag_for_config_key(key)}")
     document = _validate_document({"general": general, "datasets": [{"subsets": subsets}]}, source)
     return _build_group(document, source)
+
+
+def _metadata_subset(args: argparse.Namespace, passed: set[str]) -> dict:
+    """sd-scripts' fine-tuning workflow: --in_json names the images (in --train_data_dir) and their captions."""
+    if "reg_data_dir" in passed:
+        raise UserError("--reg_data_dir with --in_json: fine-tuning (metadata) datasets have no regularisation "
+                        "images; remove --reg_data_dir, or use a --dataset_config with a DreamBooth dataset for them")
+    subset = {"metadata_file": args.in_json}
+    if "train_data_dir" in passed:
+        if not Path(args.train_data_dir).expanduser().is_dir():
+            raise UserError(f"--train_data_dir {args.train_data_dir}: folder not found")
+        subset["image_dir"] = args.train_data_dir
+    return subset
 
 
 def _folder_subsets(folder: str, flag: str, is_reg: bool) -> list[dict]:

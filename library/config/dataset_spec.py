@@ -47,11 +47,18 @@ class SubsetSpec:
     random_crop: bool = False
     color_aug: bool = False
     alpha_mask: bool = False
+    conditioning_data_dir: Optional[str] = None  # loss masks (--masked_loss), named like the images
+    resize_interpolation: Optional[str] = None  # None: box when shrinking, else lanczos
     captions: CaptionOptions = field(default_factory=CaptionOptions)
 
     @property
     def is_dreambooth(self) -> bool:
         return self.metadata_file is None
+
+    @property
+    def uses_loss_mask(self) -> bool:
+        """Its images carry a loss mask: a conditioning_data_dir image, else the alpha channel."""
+        return self.alpha_mask or self.conditioning_data_dir is not None
 
 
 @dataclass
@@ -66,7 +73,7 @@ class DatasetSpec:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
-    validation_split: float = 0.0  # fraction of its images held out for validation loss
+    validation_split: float = 0.0  # fraction of its images held out for validation loss (1.0: all)
     validation_seed: Optional[int] = None  # seed of that split (default: the training seed)
     is_validation: bool = False  # the whole dataset is validation data
 

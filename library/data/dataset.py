@@ -33,7 +33,8 @@ from library.data.image_entries import (
     balance_regularization,
     subset_label,
 )
-from library.data.images import ImageLoadError, load_image, prepare_image
+from library.data.images import ImageLoadError, prepare_image
+from library.data.loss_masks import load_entry_image
 from library.errors import UserError
 
 if TYPE_CHECKING:
@@ -218,9 +219,9 @@ class TrainDataset:
         regularisation images), "image_paths" list[str], "sample_keys" list[str] (dataset, image and
         repeat of each sample, which keys its noise), "original_sizes_hw", "crop_top_lefts" and
         "target_sizes_hw" LongTensor [B, 2], then "latents" [B, C, h, w] when cached or "images"
-        [B, 3, H, W] in [-1, 1], and "alpha_masks" [B, 1, H, W] when a subset uses alpha_mask (ones
-        for images without alpha). Images that fail to load now (damaged after the scan) are left
-        out with a warning.
+        [B, 3, H, W] in [-1, 1], and "alpha_masks" [B, 1, H, W] when a subset uses a loss mask
+        (alpha_mask or conditioning_data_dir; ones for images without one). Images that fail to load
+        now (damaged after the scan) are left out with a warning.
         """
         import torch
 
@@ -248,7 +249,7 @@ class TrainDataset:
         if any(pixel_key not in s for s in samples):
             raise RuntimeError("a batch mixes cached latents and images: cache the latents of every entry")
         batch[pixel_key] = torch.stack([s[pixel_key] for s in samples])
-        if any(self.entries[ref.entry_index].subset.alpha_mask for ref in refs):
+        if any(self.entries[ref.entry_index].subset.uses_loss_mask for ref in refs):
             height, width = samples[0]["target_size_hw"]
             batch["alpha_masks"] = torch.stack([
                 s["alpha"] if s["alpha"] is not None else torch.ones(1, height, width) for s in samples
@@ -277,7 +278,7 @@ class TrainDataset:
         sample["image_path"] = entry.image_path
         sample["sample_key"] = self._sample_key(entry, ref.repeat)
         sample["target_size_hw"] = (entry.bucket_wh[1], entry.bucket_wh[0])
-        if not subset.alpha_mask:
+        if not subset.uses_loss_mask:
             sample["alpha"] = None
         return sample
 
@@ -296,14 +297,14 @@ class TrainDataset:
 
     def _image_sample(self, entry: ImageEntry, flip: bool, rng: random.Random) -> Optional[dict]:
         try:
-            image = load_image(entry.image_path)
+            image = load_entry_image(entry)
         except ImageLoadError as e:
             logger.warning("leaving %s out of its batch: %s", entry.image_path, e.reason)
             return None
         subset = entry.subset
         resized = entry.resized_wh if image.size == tuple(entry.image_size_wh) else None
-        prepared = prepare_image(image, entry.bucket_wh, subset.random_crop, rng, flip,
-                                 resized_wh=resized, color_aug=subset.color_aug)
+        prepared = prepare_image(image, entry.bucket_wh, subset.random_crop, rng, flip, resized_wh=resized,
+                                 color_aug=subset.color_aug, interpolation=subset.resize_interpolation)
         return {
             "images": prepared.pixels, "alpha": prepared.alpha,
             "original_size_hw": prepared.original_size_hw, "crop_top_left": prepared.crop_top_left,
@@ -394,3 +395,6 @@ def add_data_loading_arguments(parser: argparse.ArgumentParser) -> None:
                        help="worker processes that build batches (default: 0 = in the training process)")
     group.add_argument("--prior_loss_weight", type=float, default=1.0,
                        help="loss weight of regularisation images (default: 1.0)")
+    group.add_argument("--masked_loss", action="store_true",
+                       help="weight the loss per pixel by mask images in each subset's conditioning_data_dir (red "
+                            "channel; alpha_mask masks apply with or without this flag)")

@@ -3,8 +3,10 @@
 Owns the scan of DreamBooth subsets (an image folder, captions in `<stem><caption_extension>`
 files, class_tokens or folder names) and fine-tuning subsets (a metadata JSON file mapping images to
 captions and tags, sd-scripts' format), reading each image's size from its header, assigning its
-bucket, and sd-scripts' balancing of regularisation images against the training images. An image
-that cannot be read or whose caption file is not UTF-8 is reported by path and skipped.
+bucket, its loss-mask file (`conditioning_data_dir`), and sd-scripts' balancing of regularisation
+images against the training images. An image that cannot be read or whose caption file is not UTF-8
+is reported by path and skipped. The metadata's `train_resolution` (sd-scripts' pre-bucketed npz
+latents) is not used: sizes come from the image headers and buckets from the dataset options.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from library.config.dataset_spec import SubsetSpec
 from library.data.buckets import BucketManager
 from library.data.captions import CaptionFileError, caption_from_path, is_path_skipped, read_caption_file
 from library.data.images import IMAGE_EXTENSIONS, CropPlan, ImageLoadError, is_image_file, plan_crop, read_image_size
+from library.data.loss_masks import find_mask, missing_masks_error
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ class ImageEntry:
     resized_wh: tuple[int, int]  # size before cropping to the bucket
     is_reg: bool
     num_repeats: int  # subset.num_repeats, or what regularisation balancing made of it
+    mask_path: Optional[str] = None  # the loss mask image (conditioning_data_dir)
 
     def center_crop(self) -> CropPlan:
         """The deterministic resize and crop without random_crop: what cached latents were made from."""
@@ -95,7 +99,19 @@ class SubsetScanner:
             entries = self._scan_metadata(subset)
         if not entries:
             logger.warning("no usable images in %s", subset_label(subset))
+        if subset.conditioning_data_dir is not None:
+            self._attach_masks(entries, subset)
         return entries
+
+    @staticmethod
+    def _attach_masks(entries: list[ImageEntry], subset: SubsetSpec) -> None:
+        missing = []
+        for entry in entries:
+            entry.mask_path = find_mask(entry.image_path, subset.image_dir, subset.conditioning_data_dir)
+            if entry.mask_path is None:
+                missing.append(entry.image_path)
+        if missing:
+            raise missing_masks_error(subset.conditioning_data_dir, missing)
 
     def _entry(self, path: str, caption: str, subset: SubsetSpec) -> Optional[ImageEntry]:
         try:

@@ -4,7 +4,10 @@ Owns the pixel side of a training example: which files count as images, opening 
 (palette, grey with alpha, CMYK, 16-bit, bit maps) with their EXIF orientation applied, reading
 their size cheaply from the header, and resizing + cropping + flipping + colour jitter to the
 bucket size. Pillow does the decoding and resampling. Behaviour follows sd-scripts: images that
-shrink on both sides are resized with an area (box) filter, others with Lanczos; an RGBA image's
+shrink on both sides are resized with an area (box) filter, others with Lanczos, unless the subset's
+`resize_interpolation` names a filter (sd-scripts' names, mapped to Pillow's filter of that name:
+nearest, bilinear/linear, bicubic/cubic, lanczos, area/box = box; sd-scripts runs some of these
+through OpenCV, so pixels may differ slightly from its output); an RGBA image's
 colour channels are used as they are (the alpha only becomes the loss mask with `alpha_mask`).
 Any failure to read a file becomes `ImageLoadError` naming the path and the cause.
 """
@@ -168,11 +171,24 @@ class PreparedImage:
     crop_top_left: tuple[int, int]  # (top, left) in the resized image, mirrored when flipped
 
 
-def _resize(image: Image.Image, size_wh: tuple[int, int]) -> Image.Image:
+PIL_FILTERS = {
+    "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR, "linear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX, "box": Image.Resampling.BOX,
+}
+
+
+def resize_image(image: Image.Image, size_wh: tuple[int, int], interpolation: Optional[str] = None) -> Image.Image:
+    """`image` at `size_wh` with the named filter (PIL_FILTERS), or by default box when it shrinks on
+    both sides and Lanczos otherwise."""
     if image.size == tuple(size_wh):
         return image
-    shrinks_both_sides = image.width > size_wh[0] and image.height > size_wh[1]
-    resample = Image.Resampling.BOX if shrinks_both_sides else Image.Resampling.LANCZOS
+    if interpolation is not None:
+        resample = PIL_FILTERS[interpolation]
+    else:
+        shrinks_both_sides = image.width > size_wh[0] and image.height > size_wh[1]
+        resample = Image.Resampling.BOX if shrinks_both_sides else Image.Resampling.LANCZOS
     return image.resize(tuple(size_wh), resample=resample)
 
 
@@ -198,8 +214,10 @@ def prepare_image(
     flip: bool,
     resized_wh: Optional[tuple[int, int]] = None,
     color_aug: bool = False,
+    interpolation: Optional[str] = None,
 ) -> PreparedImage:
-    """Resize to cover the bucket (or to `resized_wh`), crop to it, flip, jitter colours, to tensors.
+    """Resize to cover the bucket (or to `resized_wh`) with `interpolation` (see resize_image), crop to
+    it, flip, jitter colours, to tensors.
 
     Random draws, in this order: the crop offset (random_crop), then color_aug.
     """
@@ -209,8 +227,10 @@ def prepare_image(
     box = (plan.left, plan.top, plan.left + bucket_wh[0], plan.top + bucket_wh[1])
     # Colour and alpha are resized apart: Pillow resizes RGBA premultiplied, which would blacken
     # the colour of transparent pixels.
-    rgb = _resize(image.convert("RGB"), plan.resized_wh).crop(box)
-    alpha = _resize(image.getchannel("A"), plan.resized_wh).crop(box) if image.mode == "RGBA" else None
+    rgb = resize_image(image.convert("RGB"), plan.resized_wh, interpolation).crop(box)
+    alpha = None
+    if image.mode == "RGBA":
+        alpha = resize_image(image.getchannel("A"), plan.resized_wh, interpolation).crop(box)
     if flip:
         rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         alpha = alpha.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if alpha is not None else None

@@ -5,10 +5,11 @@ as `<stem>_<WWWW>x<HHHH>_<family>.safetensors` or, with a cache folder, as
 `<stem>_<hash of the image path>_<WWWW>x<HHHH>_<family>.safetensors` there (the hash keeps images of
 the same name in different folders apart). Tensors: "latents" [C, h, w], "latents_flipped" (made
 when a subset uses flip_aug; the flipped image is encoded, not the latents flipped) and "alpha_mask"
-[1, H, W] (with alpha_mask; flipped when loaded). The metadata records everything the latents
+[1, H, W] (with a loss mask: alpha_mask or conditioning_data_dir; flipped when loaded). The metadata records everything the latents
 depend on (format version, the strategy's cache identity such as family and latent channels,
-bucket, resize and crop, the source file's size and mtime); any difference, a missing tensor or an
-unreadable file makes the file stale and it is rebuilt, never silently used.
+bucket, resize filter (`resize_interpolation`), resize and crop, the source file's size and mtime,
+and the loss-mask file's); any difference, a missing tensor or an unreadable file makes the file
+stale and it is rebuilt, never silently used.
 
 The cache hands the dataset a `LatentSource` (`dataset.use_latent_source`): each entry's
 `CachedLatents`, tensors in memory or the file read per batch. It never changes the entries.
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from library.atomic_io import save_safetensors_atomic
 from library.data.image_entries import ImageEntry
-from library.data.images import ImageLoadError, load_image, prepare_image
+from library.data.images import ImageLoadError, prepare_image
+from library.data.loss_masks import load_entry_image, mask_identity
 from library.errors import UserError
 
 if TYPE_CHECKING:
@@ -67,9 +69,11 @@ def expected_metadata(entry: ImageEntry, strategy: "LatentsCachingStrategy") -> 
         "bucket": f"{entry.bucket_wh[0]}x{entry.bucket_wh[1]}",
         "original_size": f"{entry.image_size_wh[0]}x{entry.image_size_wh[1]}",
         "resized_size": f"{plan.resized_wh[0]}x{plan.resized_wh[1]}",
+        "resize_interpolation": entry.subset.resize_interpolation or "default",
         "crop_left_top": f"{plan.left},{plan.top}",
         "source_size": str(stat.st_size),
         "source_mtime_ns": str(stat.st_mtime_ns),
+        **mask_identity(entry),
     }
 
 
@@ -95,7 +99,7 @@ def is_cache_valid(
 ) -> bool:
     """True only if the file exists, parses, holds the needed tensors and all its metadata matches."""
     if need_alpha is None:
-        need_alpha = entry.subset.alpha_mask
+        need_alpha = entry.subset.uses_loss_mask
     if not os.path.isfile(path):
         return False
     header = _read_header(path)
@@ -188,7 +192,7 @@ def _jobs_for(entries: list[ImageEntry], strategy, to_disk: bool, cache_dir: Opt
     for group in by_key.values():
         path = cache_file_path(group[0], strategy, cache_dir) if to_disk else None
         jobs.append(_CacheJob(group, path, need_flip=any(e.subset.flip_aug for e in group),
-                              need_alpha=any(e.subset.alpha_mask for e in group)))
+                              need_alpha=any(e.subset.uses_loss_mask for e in group)))
     return jobs
 
 
@@ -294,13 +298,14 @@ def _encode_chunk(jobs: list[_CacheJob], strategy, vae, device, dtype,
     readable, prepared = [], []
     for job in jobs:
         try:
-            image = load_image(job.entry.image_path)
+            image = load_entry_image(job.entry)
         except ImageLoadError as e:
             logger.warning("skipping %s: %s", e.path, e.reason)
             continue
         entry = job.entry
         resized = entry.resized_wh if image.size == tuple(entry.image_size_wh) else None
-        prepared.append(prepare_image(image, entry.bucket_wh, False, random.Random(0), flip=False, resized_wh=resized))
+        prepared.append(prepare_image(image, entry.bucket_wh, False, random.Random(0), flip=False, resized_wh=resized,
+                                      interpolation=entry.subset.resize_interpolation))
         readable.append(job)
     if not readable:
         return []

@@ -59,6 +59,27 @@ class FamilySettings:
     blocks_to_swap: int = 0  # --blocks_to_swap where the family has it (library/offload.py)
 
 
+@dataclass(frozen=True)
+class LoraBlockLayout:
+    """sd-scripts' numbering of a UNet's blocks, for per-block LoRA ranks and learning rates
+    (`block_dims`, `down_lr_weight`, ... in networks/lora_blocks.py).
+
+    Blocks run [extra] + IN (down) + MID (mid) + OUT (up) + [extra]: SD 1.x/2.x has 12 + 1 + 12 = 25
+    blocks, SDXL 1 + 9 + 3 + 9 + 1 = 23 (its time/label embedding and its output layers are the extra
+    blocks, which the lr-weight keys do not name). `block_index` maps a kohya module name to its block
+    (None: the module lies in no numbered block and keeps the network-wide settings).
+    """
+
+    down: int
+    mid: int
+    extra: int
+    block_index: Callable[[str], Optional[int]]
+
+    @property
+    def count(self) -> int:
+        return 2 * self.extra + 2 * self.down + self.mid
+
+
 @dataclass
 class LoraTarget:
     """One model part LoRA can attach to, and how its modules are named in kohya files.
@@ -82,6 +103,7 @@ class LoraTarget:
     network_args: dict = field(default_factory=dict)  # family --network_args that shaped this target
     diffusers_prefix: str = ""  # pipeline component for PEFT/diffusers keys ("transformer", "text_encoder")
     save_format: str = "kohya"  # LoRA file layout: "kohya" or "diffusers" (PEFT keys)
+    block_layout: Optional[LoraBlockLayout] = None  # numbered UNet blocks (per-block ranks and lrs)
 
     def file_name(self, module_path: str) -> str:
         path = self.rename(module_path) if self.rename else module_path

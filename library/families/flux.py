@@ -32,6 +32,7 @@ from library.families.flux_text import (
     FluxTokenizeStrategy,
     text_encoders_fingerprint,
 )
+from networks.network_arguments import parse_block_selection
 
 logger = logging.getLogger(__name__)
 
@@ -79,24 +80,9 @@ def image_position_ids(height: int, width: int, device, dtype):
 
 def family_network_args(args: argparse.Namespace) -> dict[str, str]:
     """FLUX's own --network_args keys (networks.lora is given the rest, see ModelFamily.network_arg_keys)."""
-    from networks.network_arguments import parse_network_args
+    from networks.network_arguments import family_network_args as given
 
-    parsed = parse_network_args(getattr(args, "network_args", None))
-    return {k: v for k, v in parsed.items() if k in FAMILY_NETWORK_ARGS}
-
-
-def _parse_selection(key: str, text: str) -> Optional[set]:
-    """"all" -> None (every block), "none"/"" -> empty, "0-3,7" -> {0, 1, 2, 3, 7}."""
-    text = text.strip()
-    if text == "all":
-        return None
-    chosen: set = set()
-    for part in filter(None, (p.strip() for p in text.split(",") if text != "none")):
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
-            raise UserError(f"--network_args {key}={text}: use all, none or indices and ranges like 0-3,7")
-        chosen.update(range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1))
-    return chosen
+    return given(args, FAMILY_NETWORK_ARGS)
 
 
 class FluxLoraSettings:
@@ -117,7 +103,7 @@ class FluxLoraSettings:
                 if not given[key].isdigit():
                     raise UserError(f"--network_args {key}={given[key]}: expected a rank (0 leaves those modules out)")
                 self.type_dims[key] = int(given[key])
-        self.selections = {key: _parse_selection(key, given[key]) for key in BLOCK_SELECTIONS if key in given}
+        self.selections = {key: parse_block_selection(key, given[key]) for key in BLOCK_SELECTIONS if key in given}
 
     def check_block_counts(self, counts: dict[str, int]) -> None:
         for key, chosen in self.selections.items():

@@ -237,12 +237,14 @@ class LuminaFamily(ModelFamily):
         return unused + (["--g"] if prompt.guidance_scale is not None else [])
 
     def save_full_model(self, components: ModelComponents, path: str, save_as: str, dtype, metadata: dict) -> None:
-        """The transformer only, as sd-scripts' lumina_train.py saves it: an original-layout single file."""
+        """The transformer only, as sd-scripts' lumina_train.py saves it: an original-layout single file;
+        or a whole Lumina2Pipeline folder."""
         from library.models.lumina_checkpoint import save_lumina_transformer_original
+        from library.models.saved_formats import save_pipeline_folder
 
-        if save_as != "safetensors":
-            raise UserError(f"--save_model_as {save_as}: Lumina 2 transformers are saved as one original-layout "
-                            ".safetensors file")
+        if save_as == "diffusers":
+            save_pipeline_folder(self.build_pipeline(components), path, dtype)
+            return
         save_lumina_transformer_original(components.denoiser, path, dtype, {k: str(v) for k, v in metadata.items()})
 
 

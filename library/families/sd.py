@@ -149,9 +149,11 @@ class SDFamily(ModelFamily):
         ).sample
 
     def lora_targets(self, components: ModelComponents) -> list[LoraTarget]:
+        from library.families.sd_lora_names import SD_UNET_BLOCKS
+
         unet = LoraTarget(
             prefix="lora_unet", root=components.denoiser, container_classes=UNET_CONTAINERS,
-            conv3x3_container_classes=UNET_CONV3X3_CONTAINERS,
+            conv3x3_container_classes=UNET_CONV3X3_CONTAINERS, block_layout=SD_UNET_BLOCKS,
         )
         text_encoder = components.text_encoders[0]
         # transformers 5 dropped CLIPTextModel's `text_model.` level; kohya names keep it

@@ -12,7 +12,8 @@ floor(u' * (max - min) + min) (0 and 1000 by default), sigma = timestep / 1000; 
 noisy - sigma * output and compared with the clean latents, loss weighted by
 `compute_loss_weighting_for_sd3`. --t5_tokenizer is ours: where the T5 vocabulary comes from offline.
 LoRA modules are named as sd-scripts' networks/lora_sd3.py names them (library/families/sd3_lora_names.py);
-SAI's fused qkv is one LoRA module over diffusers' separate q/k/v (networks/lora_fused.py).
+SAI's fused qkv is one LoRA module over diffusers' separate q/k/v (networks/lora_fused.py). The family's
+own --network_args (per-part ranks, train_block_indices) are in library/families/sd3_lora_settings.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any
 
 from library.errors import UserError
 from library.families.base import FamilySettings, LoraTarget, ModelComponents, ModelFamily
+from library.families.sd3_lora_settings import SD3_NETWORK_ARGS, SD3LoraSettings
 from library.training.flow_matching import FlowMatchingNoiseScheme
+from networks.network_arguments import family_network_args
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class SD3Settings(FamilySettings):
     apply_lg_attn_mask: bool = False
     apply_t5_attn_mask: bool = False
     save_lora_format: str = "kohya"
+    lora: Any = None  # library.families.sd3_lora_settings.SD3LoraSettings (LoRA runs)
 
 
 class SD3Family(ModelFamily):
@@ -102,6 +106,7 @@ class SD3Family(ModelFamily):
     metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
     modelspec_name = "stable-diffusion-v3"
     settings_class = SD3Settings
+    network_arg_keys = SD3_NETWORK_ARGS
 
     # ---- arguments ----------------------------------------------------------------------------------
 
@@ -151,10 +156,8 @@ class SD3Family(ModelFamily):
         if kind.is_full_fine_tune:
             if args.save_lora_format != "kohya":
                 raise UserError("--save_lora_format applies to LoRA training only")
-            if args.save_model_as != "safetensors":
-                raise UserError(f"--save_model_as {args.save_model_as}: SD3 full fine-tunes are saved as one SAI "
-                                "single file; use --save_model_as safetensors")
-        return SD3Settings(kind=kind, blocks_to_swap=blocks_to_swap, flow_options=flow_options,
+        lora = None if kind.is_full_fine_tune else SD3LoraSettings(family_network_args(args, SD3_NETWORK_ARGS))
+        return SD3Settings(kind=kind, blocks_to_swap=blocks_to_swap, flow_options=flow_options, lora=lora,
                            dropout_rates=dropout_rates, training_shift=args.training_shift,
                            apply_lg_attn_mask=bool(args.apply_lg_attn_mask),
                            apply_t5_attn_mask=bool(args.apply_t5_attn_mask), save_lora_format=args.save_lora_format)
@@ -244,14 +247,15 @@ class SD3Family(ModelFamily):
     def lora_targets(self, components: ModelComponents) -> list[LoraTarget]:
         from library.models.sd3_checkpoint import diffusers_to_sai_module
 
-        transformer = components.denoiser
+        transformer, lora = components.denoiser, self.settings.lora or SD3LoraSettings({})
         last = len(transformer.transformer_blocks) - 1
+        lora.check_block_count(last + 1)
         # the pre-only block's context adaLN has (scale, shift) rows in diffusers, (shift, scale) in SAI files
         skipped = f"lora_unet_joint_blocks_{last}_context_block_adaLN_modulation_1"
         targets = [LoraTarget(
             prefix="lora_unet", root=transformer, container_classes=(JOINT_BLOCK,), rename=diffusers_to_sai_module,
-            fused_groups=FUSED_GROUPS, module_rank=lambda name: 0 if name == skipped else None,
-            diffusers_prefix="transformer", save_format=self.settings.save_lora_format,
+            fused_groups=FUSED_GROUPS, module_rank=lambda name: 0 if name == skipped else lora.module_rank(name),
+            network_args=lora.given, diffusers_prefix="transformer", save_format=self.settings.save_lora_format,
         )]
         for prefix, encoder, component in zip(("lora_te1", "lora_te2"), components.text_encoders[:2],
                                               ("text_encoder", "text_encoder_2")):
@@ -299,10 +303,13 @@ class SD3Family(ModelFamily):
                 if value is not None]
 
     def save_full_model(self, components: ModelComponents, path: str, save_as: str, dtype, metadata: dict) -> None:
-        """An SAI single file: MMDiT, VAE and the three text encoders (loads back with no other file)."""
+        """An SAI single file: MMDiT, VAE and the three text encoders (loads back with no other file);
+        or a StableDiffusion3Pipeline folder."""
+        from library.models.saved_formats import save_pipeline_folder
         from library.models.sd3_checkpoint import save_sd3_single_file
 
-        if save_as != "safetensors":
-            raise UserError(f"--save_model_as {save_as}: SD3 models are saved as one SAI single .safetensors file")
+        if save_as == "diffusers":
+            save_pipeline_folder(self.build_pipeline(components), path, dtype)
+            return
         save_sd3_single_file(components.denoiser, components.vae, components.text_encoders, path, dtype,
                              {k: str(v) for k, v in metadata.items()})

@@ -11,9 +11,11 @@ device, so no memory) under its kohya, diffusers (PEFT) and ComfyUI names.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
+from typing import Optional
 
-from library.families.base import LoraFileLayout, LoraModuleNames, LoraWeightSlice
+from library.families.base import LoraBlockLayout, LoraFileLayout, LoraModuleNames, LoraWeightSlice
 from library.models import sd_ldm_layout as layout
 
 UNET_KOHYA_PREFIX = "lora_unet_"
@@ -34,6 +36,27 @@ def unet_lora_name(diffusers_module_path: str) -> str:
 def text_encoder_lora_name(clip_module_path: str) -> str:
     """CLIP path with or without transformers 4's `text_model.` level -> kohya name (which has it)."""
     return TE_KOHYA_PREFIX + _flat(clip_module_path.removeprefix("text_model."))
+
+
+_UNET_BLOCK = re.compile(r"lora_unet_(down|up)_blocks_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)_")
+BLOCKS_PER_SIDE = 12  # IN00-IN11 and OUT00-OUT11, as sd-scripts counts them
+
+
+def sd_unet_block_index(kohya_name: str) -> Optional[int]:
+    """sd-scripts' block of an SD 1.x/2.x UNet LoRA module: IN01-IN11 = 1-11 (three slots per level:
+    two resnets/attentions, then the downsampler; IN00, conv_in, has no LoRA), MID = 12, OUT00-OUT11 =
+    13-24 (three resnets/attentions per level, the upsampler sharing the third slot)."""
+    match = _UNET_BLOCK.match(kohya_name)
+    if match:
+        side, level, kind, index = match.groups()
+        slot = 3 * int(level) + (2 if kind.endswith("samplers") else int(index))
+        return 1 + slot if side == "down" else BLOCKS_PER_SIDE + 1 + slot
+    if kohya_name.startswith("lora_unet_mid_block_"):
+        return BLOCKS_PER_SIDE
+    return None
+
+
+SD_UNET_BLOCKS = LoraBlockLayout(down=BLOCKS_PER_SIDE, mid=1, extra=0, block_index=sd_unet_block_index)
 
 
 def weight_modules(keys) -> list[str]:

@@ -174,12 +174,14 @@ class SDXLFamily(ModelFamily):
         ).sample
 
     def lora_targets(self, components: ModelComponents) -> list[LoraTarget]:
+        from library.families.sdxl_lora_names import SDXL_UNET_BLOCKS
         from library.models.sgm_layout import unet_lora_renames
 
         renames = unet_lora_renames(components.denoiser)
         unet = LoraTarget(
             prefix="lora_unet", root=components.denoiser, container_classes=UNET_CONTAINERS,
             conv3x3_container_classes=UNET_CONV3X3_CONTAINERS, rename=renames.__getitem__, diffusers_prefix="unet",
+            block_layout=SDXL_UNET_BLOCKS,
         )
         text_encoder_1, text_encoder_2 = components.text_encoders
         return [unet, _text_encoder_lora_target("lora_te1", text_encoder_1, "text_encoder"),

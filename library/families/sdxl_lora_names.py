@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import Optional
 
-from library.families.base import LoraFileLayout, LoraModuleNames, LoraWeightSlice
+from library.families.base import LoraBlockLayout, LoraFileLayout, LoraModuleNames, LoraWeightSlice
 from library.families.sd_lora_names import open_clip_slices, weight_layers, weight_modules
 from library.models import sgm_layout
 
@@ -24,6 +25,25 @@ CLIP_L_LAYERS = 12
 
 def _flat(path: str) -> str:
     return path.replace(".", "_")
+
+
+_UNET_BLOCK_STARTS = (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13))
+
+
+def sdxl_unet_block_index(kohya_name: str) -> Optional[int]:
+    """sd-scripts' block of an SDXL UNet LoRA module (its LDM name): time/label embedding = 0,
+    input_blocks.N = 1 + N (IN00-IN08), middle_block.N = 10 + N (MID00-02), output_blocks.N = 13 + N
+    (OUT00-OUT08), the output layers = 22."""
+    name = kohya_name.removeprefix("lora_unet_")
+    for start, first in _UNET_BLOCK_STARTS:
+        if name.startswith(start):
+            return first + int(name[len(start):].split("_")[0])
+    if name.startswith(("time_embed_", "label_emb_")):
+        return 0
+    return 22 if name.startswith("out_") else None
+
+
+SDXL_UNET_BLOCKS = LoraBlockLayout(down=9, mid=3, extra=1, block_index=sdxl_unet_block_index)
 
 
 def text_module_path(path: str) -> str:

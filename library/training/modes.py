@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from library.errors import UserError
+from library.models.saved_formats import extension_for, family_format, save_ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class TrainingMode(ABC):
     """What the trainer asks of a training mode."""
 
     kind: ModeKind
-    save_extension: str  # ".safetensors", or "" for a diffusers folder
+    save_extension: str  # ".safetensors", ".ckpt", or "" for a diffusers folder
     architecture_suffix: str = ""  # appended to modelspec.architecture ("/lora" for LoRA files)
 
     def __init__(self, family, args):
@@ -128,7 +129,7 @@ class FullFineTuneMode(TrainingMode):
     def __init__(self, family, args):
         super().__init__(family, args)
         self.trained_text_encoders: list | None = None  # known after prepare()
-        self.save_extension = ".safetensors" if args.save_model_as == "safetensors" else ""
+        self.save_extension = extension_for(args.save_model_as)
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -164,7 +165,14 @@ class FullFineTuneMode(TrainingMode):
         return [components.denoiser] + list(self.trained_text_encoders or [])
 
     def save(self, components, path: str, dtype, metadata: dict) -> None:
-        self.family.save_full_model(components, path, self.args.save_model_as, dtype, metadata)
+        """The family's single file or diffusers folder; a ckpt holds the single file's tensors."""
+        save_as = self.args.save_model_as
+        if save_as != "ckpt":
+            self.family.save_full_model(components, path, family_format(save_as), dtype, metadata)
+            return
+        save_ckpt(lambda tensors_path: self.family.save_full_model(components, tensors_path, "safetensors", dtype,
+                                                                   metadata),
+                  path, int(metadata.get("ss_epoch", 0)), int(metadata.get("ss_steps", 0)))
 
 
 def make_mode(kind: ModeKind, family, args) -> TrainingMode:

@@ -3,8 +3,8 @@
 It wires the pieces together: dataset specs -> TrainDataset (+ validation split, latent and
 text-encoder caches) -> per-batch loss (library/training/step_loss.py: the family's strategies,
 noise scheme and denoiser call) -> optimizer -> periodic saves, resumable states, sample images
-(sampling.py) and validation loss (validation.py). Several processes split every global batch
-(distributed.py). It never branches on a family: everything model-specific comes from the family
+(sampling.py), validation loss (validation.py) and the EMA of the trained weights (ema.py). Several
+processes split every global batch (distributed.py). It never branches on a family: everything model-specific comes from the family
 object; everything mode-specific (LoRA or full weights) from the mode.
 """
 
@@ -58,8 +58,12 @@ class Trainer:
         from library.config.dataset_config import load_dataset_group
         from library.training.validation import build_datasets
 
+        from library.data.loss_masks import check_masked_loss
+
         args = self.args
-        train, validation = build_datasets(load_dataset_group(args), seed, args.prior_loss_weight, args.max_train_steps)
+        spec = load_dataset_group(args)
+        check_masked_loss(spec, args.masked_loss)
+        train, validation = build_datasets(spec, seed, args.prior_loss_weight, args.max_train_steps)
         train.num_processes = num_processes
         if validation is None and (args.validate_every_n_steps or args.validate_every_n_epochs):
             raise UserError("--validate_every_n_steps/--validate_every_n_epochs need validation images: set "
@@ -135,6 +139,7 @@ class Trainer:
     # ----- the loop ----------------------------------------------------------------------------
     def train(self) -> None:
         from library.training.distributed import build_accelerator
+        from library.training.ema import EMATracker
         from library.training.lr_schedulers import build_lr_scheduler
         from library.training.metadata import training_metadata
         from library.training.optimizers import build_optimizer, describe_optimizer, set_optimizer_train_mode
@@ -176,6 +181,7 @@ class Trainer:
         trainable = self.mode.trainable_modules(components)
         wrapper, optimizer, lr_scheduler = accelerator.prepare(TrainableModules(trainable), optimizer, lr_scheduler)
 
+        ema = EMATracker.for_run(args, trainable, accelerator)  # before a resume, which restores it
         position = TrainingPosition(global_step=0, epoch=1, batch_index=0, seed=seed)
         if resume_folder:
             position = load_training_state(accelerator, resume_folder)
@@ -184,7 +190,7 @@ class Trainer:
                                      num_batches_per_epoch=num_batches, num_epochs=num_epochs,
                                      max_train_steps=max_steps, seed=seed, started_at=started_at)
         self.run = _Run(self, accelerator, components, dataset, validation_dataset, optimizer, lr_scheduler, wrapper,
-                        weight_dtype, latents_strategy, max_steps, steps_per_epoch, num_batches, metadata)
+                        weight_dtype, latents_strategy, max_steps, steps_per_epoch, num_batches, metadata, ema)
         set_optimizer_train_mode(optimizer, True)
         self.run.loop(position, num_epochs)
 
@@ -212,7 +218,7 @@ class _Run:
     """The state of one training run in progress (kept apart from setup to keep both short)."""
 
     def __init__(self, trainer, accelerator, components, dataset, validation_dataset, optimizer, lr_scheduler, wrapper,
-                 weight_dtype, latents_strategy, max_steps, steps_per_epoch, num_batches, metadata):
+                 weight_dtype, latents_strategy, max_steps, steps_per_epoch, num_batches, metadata, ema):
         from library.training.sampling import Sampler
         from library.training.step_loss import NonFiniteGuard, StepLoss
         from library.training.validation import Validator
@@ -221,7 +227,7 @@ class _Run:
         self.accelerator, self.components, self.dataset = accelerator, components, dataset
         self.optimizer, self.lr_scheduler, self.wrapper = optimizer, lr_scheduler, wrapper
         self.max_steps, self.steps_per_epoch, self.num_batches = max_steps, steps_per_epoch, num_batches
-        self.metadata = metadata
+        self.metadata, self.ema = metadata, ema
         self.seed = int(metadata["ss_seed"])
         self.trainable = self.mode.trainable_modules(components)
         self.step_loss = StepLoss(self.family, components, self.args, accelerator, latents_strategy, weight_dtype,
@@ -250,7 +256,7 @@ class _Run:
         self.accelerator.init_trackers(args.log_prefix or "train")
         with StopRequest() as self.stop:
             if self.sampler.due_at_first(position.global_step):
-                self.sampler.sample(0, epoch=0)
+                self._sample(0, epoch=0)
             while position.global_step < self.max_steps and position.epoch <= num_epochs and not self.stopped:
                 epoch = position.epoch
                 position = self._run_epoch(position, progress)
@@ -289,6 +295,8 @@ class _Run:
             loss = mean_over_processes(self.accelerator, sum(micro_losses))
             micro_losses = []
             finite = self._optimizer_step(loss)
+            if finite:
+                self.ema.update(step)
             self._log_step(progress, step, loss)
             self.guard.record(step, finite, self._kept_saves())
             self._after_step(step, position)
@@ -356,7 +364,7 @@ class _Run:
                        checkpoints.step_stem(name, old_file) if old_file else None,
                        checkpoints.step_stem(name, old_state) if old_state else None)
         if self.sampler.due_at_step(step):
-            self.sampler.sample(step)
+            self._sample(step)
         if self.validator and self.validator.due_at_step(step):
             self.validator.run(step)
 
@@ -371,9 +379,13 @@ class _Run:
                        checkpoints.epoch_stem(name, old_file) if old_file else None,
                        checkpoints.epoch_stem(name, old_state) if old_state else None)
         if self.sampler.due_at_epoch(epoch):
-            self.sampler.sample(step, epoch=epoch)
+            self._sample(step, epoch=epoch)
         if self.validator and self.validator.due_at_epoch(epoch, step):
             self.validator.run(step)
+
+    def _sample(self, step: int, epoch: int | None = None) -> None:
+        with self.ema.sampling():  # the EMA weights with --sample_with_ema
+            self.sampler.sample(step, epoch=epoch)
 
     # ----- saving ------------------------------------------------------------------------------
     def _kept_saves(self) -> str:
@@ -404,12 +416,14 @@ class _Run:
             metadata = save_time_metadata(self.metadata, step=position.global_step,
                                           epoch=position.epoch - (1 if position.batch_index == 0 else 0),
                                           architecture=self._architecture())
-            self.mode.save(self.components, path, self.save_dtype, metadata)
-            logger.info("saved %s", path)
-            self.saved.append(os.path.basename(path))
+            written = self.ema.save(lambda target, meta: self.mode.save(self.components, target, self.save_dtype, meta),
+                                    path, metadata)  # the raw weights and, with --ema, the EMA ones
+            logger.info("saved %s", ", ".join(written))
+            self.saved += [os.path.basename(p) for p in written]
             set_optimizer_train_mode(self.optimizer, True)
             if prune_file:
-                checkpoints.remove_saved_file(args.output_dir, prune_file, self.mode.save_extension)
+                for stem in (prune_file, f"{prune_file}-ema"):
+                    checkpoints.remove_saved_file(args.output_dir, stem, self.mode.save_extension)
         if with_state or args.save_state or (is_final and args.save_state_on_train_end):
             folder = checkpoints.state_dir_name(stem)
             save_training_state(accelerator, os.path.join(args.output_dir, folder), position)

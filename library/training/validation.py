@@ -3,8 +3,8 @@
 Held-out images come from `validation_split` (a [general] or [[datasets]] option, or the
 --validation_split flag, as in sd-scripts): per dataset, its non-regularisation images, sorted by
 path and shuffled by `validation_seed` (default: the training seed), the last
-`n - ceil(n * (1 - split))` are validation images and never trained on. A whole `[[datasets]]` with
-`is_validation = true` is validation data too. Each validation image counts once (num_repeats 1).
+`n - ceil(n * (1 - split))` are validation images and never trained on (split 1: all of them, as in
+sd-scripts). A whole `[[datasets]]` with `is_validation = true` is validation data too. Each validation image counts once (num_repeats 1).
 
 Each validation batch is scored at fixed timesteps (sd-scripts' choice: 4 evenly spaced, 200/400/
 600/800 of 1000 for DDPM, sigma 0.2/0.4/0.6/0.8 for flow matching; a noise scheme may define
@@ -57,8 +57,9 @@ def validate_validation_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1 (got {value})")
-    if args.validation_split is not None and not 0 <= args.validation_split < 1:
-        raise UserError(f"--validation_split must be at least 0 and below 1 (got {args.validation_split})")
+    if args.validation_split is not None and not 0 <= args.validation_split <= 1:
+        raise UserError(f"--validation_split must be from 0 to 1 (got {args.validation_split}); 1 makes every "
+                        "image validation data, which a [[datasets]] table says with is_validation = true")
 
 
 # ---- which images are validation images ----------------------------------------------------------
@@ -91,6 +92,9 @@ def build_datasets(spec: "DatasetGroupSpec", seed: int, prior_loss_weight: float
 
     scanned = scan_entries(spec)
     train_entries, validation_entries = split_entries(spec.datasets, scanned, seed)
+    if validation_entries and not any(not entry.is_reg for entry in train_entries):
+        raise UserError(f"every training image of {spec.source} is validation data (validation_split 1 or "
+                        "is_validation = true): add a [[datasets]] to train on, or lower validation_split")
     train = TrainDataset(spec.datasets, train_entries, seed, prior_loss_weight, max_train_steps, spec.source)
     train.log_summary()
     if not validation_entries:
