@@ -14,6 +14,8 @@ Names come from the family's LoRA file layout (`LoraFileLayout.module_names`), s
 family. Tensors are never changed, only renamed; alphas move between tensors and metadata with
 their dtype recorded, so kohya -> diffusers -> kohya is bit-exact. Our own code: no library converts
 in every direction (diffusers' converters write alpha = rank).
+LyCORIS modules (LoHa `hada_*`, LoKr `lokr_*`, DoRA `dora_scale`; library/lora_deltas.py) are read too and
+keep their suffixes in the kohya and comfy layouts; the diffusers layout cannot hold them (UserError).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 from library.errors import UserError
 from library.families.table import FAMILIES, lora_markers
+from library.lora_deltas import SUFFIXES, LoraPair, is_plain_lora, weights_from_parts
 
 if TYPE_CHECKING:
     import torch
@@ -33,31 +36,13 @@ if TYPE_CHECKING:
 LAYOUTS = ("kohya", "diffusers", "comfy")
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 ALPHA_DTYPE_KEY = "lora_alpha_dtype"  # ours: dtype of the kohya alpha tensors, for exact round trips
+# key suffix -> role: "down"/"up" (both layouts' names of a LoRA pair), else the LyCORIS suffix itself
 _ROLE_OF_SUFFIX = {
-    ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",
-    ".lora_A.weight": "down", ".lora_B.weight": "up",
+    ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
+    **{f".{suffix}": suffix for suffix in SUFFIXES if not suffix.startswith("lora_")},
 }
+_PART_OF_ROLE = {"down": "lora_down.weight", "up": "lora_up.weight"}
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", PEFT_METADATA_KEY, ALPHA_DTYPE_KEY)
-
-@dataclass
-class LoraPair:
-    """One module's low-rank pair as stored (dtypes kept); alpha None means alpha = rank."""
-
-    down: "torch.Tensor"
-    up: "torch.Tensor"
-    alpha: Optional["torch.Tensor"] = None
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    def alpha_value(self) -> float:
-        return float(self.rank) if self.alpha is None else float(self.alpha.float().item())
-
-    @property
-    def scale(self) -> float:
-        return self.alpha_value() / self.rank
-
 
 @dataclass
 class LoraFile:
@@ -103,7 +88,7 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 def group_pairs(tensors: dict, path: str) -> dict[str, LoraPair]:
-    """{module name: LoraPair}; UserError for other adapter kinds or incomplete modules."""
+    """{module name: LoraPair, LohaWeights or LokrWeights}; UserError for other keys or incomplete modules."""
     parts: dict[str, dict] = {}
     foreign = []
     for key, tensor in tensors.items():
@@ -111,17 +96,14 @@ def group_pairs(tensors: dict, path: str) -> dict[str, LoraPair]:
         if not role:
             foreign.append(key)
             continue
-        parts.setdefault(name, {})[role] = tensor
+        parts.setdefault(name, {})[_PART_OF_ROLE.get(role, role)] = tensor
     if foreign:
-        raise UserError(f"{path} is not a plain LoRA file: {len(foreign)} keys such as `{foreign[0]}` are not "
-                        "lora_down/lora_up/alpha or lora_A/lora_B (LoHa, LoKr, DoRA and old diffusers "
-                        "attention-processor files are not supported)")
-    incomplete = [name for name, p in parts.items() if "down" not in p or "up" not in p]
-    if incomplete:
-        raise UserError(f"{path}: module `{incomplete[0]}` (and {len(incomplete) - 1} more) lacks its down or up weight")
+        raise UserError(f"{path} is not a LoRA file: {len(foreign)} keys such as `{foreign[0]}` are not "
+                        "lora_down/lora_up/alpha, lora_A/lora_B or LyCORIS' hada_*/lokr_*/dora_scale "
+                        "(old diffusers attention-processor files are not supported)")
     if not parts:
         raise UserError(f"{path} holds no LoRA weights")
-    return {name: LoraPair(p["down"], p["up"], p.get("alpha")) for name, p in parts.items()}
+    return {name: weights_from_parts(name, p, path) for name, p in parts.items()}
 
 
 def detect_layout(tensor_keys) -> str:
@@ -301,21 +283,21 @@ def from_kohya(pairs: dict[str, LoraPair], layout: str, family, metadata: dict[s
         renamed = {table.fused[n][0] if n in table.fused else table.by_layout["kohya"][n].comfy: p
                    for n, p in pairs.items()}
         return _kohya_tensors(renamed), metadata
+    _require_plain_pairs(pairs)
     renamed = {n if n in table.fused else table.by_layout["kohya"][n].diffusers: p for n, p in pairs.items()}
     renamed = _split_fused(renamed, table, family)  # fused modules keep kohya names until split here
     return _peft_tensors(renamed), {**metadata, **_peft_metadata(renamed)}
 
 
 def _kohya_tensors(pairs: dict[str, LoraPair]) -> dict:
-    import torch
+    return {key: tensor for name, pair in pairs.items() for key, tensor in pair.tensors(name).items()}
 
-    tensors = {}
-    for name, pair in pairs.items():
-        tensors[f"{name}.lora_down.weight"] = pair.down
-        tensors[f"{name}.lora_up.weight"] = pair.up
-        alpha = pair.alpha if pair.alpha is not None else torch.tensor(float(pair.rank), dtype=pair.down.dtype)
-        tensors[f"{name}.alpha"] = alpha
-    return tensors
+
+def _require_plain_pairs(pairs: dict[str, LoraPair]) -> None:
+    other = [(name, pair) for name, pair in pairs.items() if not is_plain_lora(pair)]
+    if other:
+        raise UserError(f"the diffusers/PEFT LoRA layout holds only plain LoRA pairs, not {other[0][1].label} modules "
+                        f"such as {other[0][0]}; convert with --to kohya or --to comfy instead")
 
 
 def _peft_tensors(pairs: dict[str, LoraPair]) -> dict:

@@ -5,29 +5,21 @@ library/lora_formats.py through `lora_merge.load_loras`) is matched to the in-me
 family's LoRA targets, the same search that places LoRA modules for training
 (networks/lora_modules.find_lora_layers), so a file trained by us lands on exactly the layers it was
 trained on; a module the file fuses (BFL's qkv) is split by rows over the separate layers the model
-holds. `FusedLoras.set_strength(s)` writes W = W0 + s * sum(ratio * alpha / rank * up @ down) into
-every touched layer, computed in float32 from the original weight (kept in CPU memory only when the
+holds. `FusedLoras.set_strength(s)` writes W = W0 + s * sum(ratio * change) into every touched layer
+(change = alpha / rank * up @ down for a LoRA; LoHa, LoKr and DoRA changes come from
+library/lora_deltas.py), computed in float32 from the original weight (kept in CPU memory only when the
 strength is to change again, e.g. for a strength sweep), so any strength is exact, not a drift of
 repeated additions. Every module of every LoRA must find its layer, else one UserError.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from library.lora_merge import MergeLora, add_lora_, check_coverage
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass(frozen=True)
-class LayerUpdate:
-    """One LoRA module's share of one layer: the layer gets up[up_rows] @ down."""
-
-    lora_name: str
-    up_rows: Optional[tuple[int, int]] = None
 
 
 def lora_layer_map(family, components) -> dict[str, list[tuple[str, object, Optional[tuple[int, int]]]]]:
@@ -56,36 +48,39 @@ class FusedLoras:
         places = lora_layer_map(family, components)
         check_coverage(loras, set(places), family, model)
         self.loras = loras
-        self.layers: dict[int, tuple[str, object, list[LayerUpdate]]] = {}
-        for lora in loras:
-            for name in lora.pairs:
-                for path, layer, up_rows in places[name]:
-                    entry = self.layers.setdefault(id(layer), (path, layer, []))
-                    if LayerUpdate(name, up_rows) not in entry[2]:
-                        entry[2].append(LayerUpdate(name, up_rows))
+        # kohya module name -> the layers it changes [(path, layer, up rows)]; a fused module has several
+        self.modules = {name: places[name] for lora in loras for name in lora.pairs}
+        layer_ids = [id(layer) for members in self.modules.values() for _, layer, _ in members]
+        if len(layer_ids) != len(set(layer_ids)):
+            raise ValueError("two LoRA module names map to one layer; the family's LoRA targets overlap")
         self.originals: Optional[dict[int, "torch.Tensor"]] = {} if keep_originals else None
         self._fused = False
 
     @property
     def layer_count(self) -> int:
-        return len(self.layers)
+        return sum(len(members) for members in self.modules.values())
 
     def set_strength(self, strength: float) -> None:
-        """Every touched layer becomes W0 + strength * (its LoRAs' deltas at their ratios)."""
+        """Every touched layer becomes W0 + strength * (its LoRAs' changes at their ratios). A fused module's
+        layers are joined into the fused weight first, so DoRA's norms see the whole weight, as in the file."""
         import torch
 
         if self._fused and self.originals is None:
             raise RuntimeError("the original weights were not kept; create FusedLoras with keep_originals=True")
         with torch.no_grad():
-            for key, (path, layer, updates) in self.layers.items():
-                weight = self._original(key, layer).to(device=layer.weight.device, dtype=torch.float32, copy=True)
+            for name, members in self.modules.items():
+                device = members[0][1].weight.device
+                parts = [self._original(id(layer), layer).to(device=device, dtype=torch.float32, copy=True)
+                         for _, layer, _ in members]
+                weight = parts[0] if len(parts) == 1 else torch.cat(parts)
                 for lora in self.loras:
-                    for update in updates:
-                        pair = lora.pairs.get(update.lora_name)
-                        if pair is not None:
-                            add_lora_(weight, pair, strength * lora.ratio * pair.scale, update.lora_name, path,
-                                      update.up_rows)
-                layer.weight.copy_(weight)
+                    pair = lora.pairs.get(name)
+                    if pair is not None:
+                        add_lora_(weight, pair, strength * lora.ratio, name, members[0][0])
+                start = 0
+                for (_, layer, _), part in zip(members, parts):
+                    layer.weight.copy_(weight[start:start + part.shape[0]])
+                    start += part.shape[0]
         self._fused = True
 
     def _original(self, key: int, layer) -> "torch.Tensor":

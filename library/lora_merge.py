@@ -3,7 +3,8 @@
 `merge_into_checkpoint` rewrites a single-file checkpoint (in the layout it came in) or a diffusers
 folder: every tensor is read on its own, the LoRA deltas that touch it (ratio * alpha / rank * up @
 down, on the chosen device in float32) are added, and it is written out in the output dtype, so memory
-stays near the largest tensor plus the LoRAs whatever the checkpoint's size. Tensors no LoRA touches
+stays near the largest tensor plus the LoRAs whatever the checkpoint's size (LoHa, LoKr and DoRA
+modules add their own delta, `weight_change` in library/lora_deltas.py). Tensors no LoRA touches
 and whose dtype stays are copied byte for byte. Which LoRA module changes which tensor comes from the
 family's LoRA file layout (`LoraFileLayout.checkpoint_slices`); LoRAs in diffusers or ComfyUI layout are renamed to kohya names
 first (library/lora_formats.py). Before anything is written, every module of every LoRA must find
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Optional
 
 from library.atomic_io import atomic_write, replace_folder_atomically
 from library.errors import UserError
-from library.lora_formats import LoraPair, describe_file_kind, detect_family, read_lora, to_kohya
+from library.lora_formats import LoraPair, describe_file_kind, detect_family, is_plain_lora, read_lora, to_kohya
 from library.safetensors_stream import (
     DTYPE_OF_PRECISION,
     BufferRing,
@@ -167,18 +168,37 @@ def _output_dtype(info, save_precision: Optional[str]) -> str:
     return DTYPE_OF_PRECISION[save_precision]
 
 
-def add_lora_(weight: "torch.Tensor", pair: LoraPair, factor: float, lora_name: str, tensor_name: str,
+def add_lora_(weight: "torch.Tensor", pair: LoraPair, ratio: float, lora_name: str, tensor_name: str,
               up_rows: Optional[tuple[int, int]] = None) -> None:
-    """weight += factor * up[up_rows] @ down, in place (weight float32; convs and 1x1 convs as matrices)."""
+    """weight += the module's change at strength `ratio`, in place (weight float32, shaped like the layer).
+
+    `up_rows`: `weight` is only these rows of the module's output (a fused module on a separately stored
+    layer). A plain LoRA is added as ratio * scale * up @ down without building more than that product;
+    LoHa, LoKr and DoRA modules compute their whole delta (library/lora_deltas.py)."""
+    out_rows = pair.out_features if up_rows is None else up_rows[1] - up_rows[0]
+    inputs = pair.down[0].numel() if is_plain_lora(pair) else weight[0].numel()
+    if weight.shape[0] != out_rows or weight.numel() != out_rows * inputs:
+        raise UserError(f"LoRA module {lora_name} makes a {out_rows}x{inputs} update but the checkpoint "
+                        f"tensor {tensor_name} is {tuple(weight.shape)}: the LoRA was trained for another model size")
+    if is_plain_lora(pair):
+        _add_plain_lora_(weight, pair, ratio * pair.scale, up_rows)
+        return
+    shape = (pair.out_features, *weight.shape[1:])
+    try:
+        change = pair.weight_change(weight if up_rows is None else None, shape, ratio, lora_name)
+    except RuntimeError as e:  # the factors' product does not fit the tensor
+        raise UserError(f"{pair.label} module {lora_name} does not fit the checkpoint tensor {tensor_name} "
+                        f"{tuple(weight.shape)}: the file was trained for another model size ({e})") from e
+    weight.add_(change if up_rows is None else change[up_rows[0]:up_rows[1]])
+
+
+def _add_plain_lora_(weight, pair: LoraPair, factor: float, up_rows) -> None:
     import torch
 
     up = pair.up if up_rows is None else pair.up[up_rows[0]:up_rows[1]]
     up = up.to(device=weight.device, dtype=torch.float32)
     down = pair.down.to(device=weight.device, dtype=torch.float32)
     up, down = up.reshape(up.shape[0], pair.rank), down.reshape(pair.rank, -1)
-    if weight.shape[0] != up.shape[0] or weight.numel() != up.shape[0] * down.shape[1]:
-        raise UserError(f"LoRA module {lora_name} makes a {up.shape[0]}x{down.shape[1]} update but the checkpoint "
-                        f"tensor {tensor_name} is {tuple(weight.shape)}: the LoRA was trained for another model size")
     weight.view(up.shape[0], down.shape[1]).addmm_(up, down, alpha=factor)
 
 
@@ -218,7 +238,7 @@ class _TensorMerger:
                 pair = lora.pairs.get(piece.lora_name)
                 if pair is not None:
                     target = weight if piece.rows is None else weight[piece.rows[0]:piece.rows[1]]
-                    add_lora_(target, pair, lora.ratio * pair.scale, piece.lora_name, info.name, piece.up_rows)
+                    add_lora_(target, pair, lora.ratio, piece.lora_name, info.name, piece.up_rows)
         return weight
 
 
@@ -386,6 +406,11 @@ def merge_loras(loras: list[MergeLora], concat: bool, new_rank: Optional[int], n
     families = {detect_family(f"{name}.lora_down.weight" for name in lora.pairs) for lora in loras} - {"unknown"}
     if len(families) > 1:
         raise UserError(f"the LoRAs are for different models ({', '.join(sorted(families))}); merge LoRAs of one family")
+    variant = next(((name, pair) for lora in loras for name, pair in lora.pairs.items()
+                    if not is_plain_lora(pair)), None)
+    if variant is not None:
+        raise UserError(f"merging into one LoRA takes plain LoRA pairs; {variant[0]} is a {variant[1].label} module. "
+                        "Merge such files into a checkpoint (--model) instead")
     if concat and (new_rank is not None or new_conv_rank is not None):
         raise UserError("--concat keeps every rank; drop --new_rank/--new_conv_rank, or drop --concat for SVD")
     dtype = dtype or next(iter(loras[0].pairs.values())).down.dtype

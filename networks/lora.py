@@ -8,6 +8,8 @@ networks/lora_fused.py (layers a file fuses, e.g. FLUX's qkv), file reading/writ
 networks/lora_files.py. Targets may set per-module ranks (`module_rank`), number their blocks for
 sd-scripts' per-block ranks and learning rates (`block_layout`, networks/lora_blocks.py) and ask for
 PEFT/diffusers keys instead of kohya names (`save_format`, written by `diffusers_state_dict`).
+With `use_dora=True` (or LyCORIS' LoHa/LoKr through networks/lycoris.py, which builds the same network)
+the modules are networks/weight_adapters.py's, saved with LyCORIS' keys.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from networks.lora_blocks import BLOCK_KEYS, BlockPlan, parse_block_arg
 from networks.lora_files import file_alpha, group_by_module, read_lora_file, save_lora_file
 from networks.lora_fused import FusedLoRAModule
 from networks.lora_modules import FoundLayer, LoRAModule, find_lora_layers
+from networks.weight_adapters import build_weight_adapter, load_adapter_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,13 @@ def _number(kind: type, low: float, low_inclusive: bool, high: float | None = No
     return parse
 
 
+def parse_bool(key: str, text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in ("true", "false", "1", "0"):
+        raise UserError(f"--network_args {key}={text}: expected True or False")
+    return lowered in ("true", "1")
+
+
 NETWORK_ARG_PARSERS: dict[str, Callable[[str, str], float]] = {
     "conv_dim": _number(int, 1, True),
     "conv_alpha": _number(float, 0, True),
@@ -63,6 +73,7 @@ NETWORK_ARG_PARSERS: dict[str, Callable[[str, str], float]] = {
     "loraplus_lr_ratio": _number(float, 0, False),
     "loraplus_unet_lr_ratio": _number(float, 0, False),
     "loraplus_text_encoder_lr_ratio": _number(float, 0, False),
+    "use_dora": parse_bool,
 }
 
 
@@ -80,6 +91,16 @@ class LoRAOptions:
     loraplus_text_encoder_lr_ratio: float | None = None
     network_args: dict[str, str] = field(default_factory=dict)  # as the user wrote them, for metadata
     block_args: dict = field(default_factory=dict)  # the per-block keys, parsed (networks/lora_blocks.py)
+    use_dora: bool = False
+    algo: str = "lora"  # "lora", "loha" or "lokr" (networks/lycoris.py sets the others)
+    factor: int = -1  # LoKr's factorization limit
+    decompose_both: bool = False  # LoKr: factorise w1 too
+    network_module: str = NETWORK_MODULE_NAME  # ss_network_module in the metadata
+
+    @property
+    def uses_weight_adapters(self) -> bool:
+        """LoHa, LoKr or DoRA: modules that build a weight change (networks/weight_adapters.py)."""
+        return self.algo != "lora" or self.use_dora
 
     def loraplus_ratio(self, text_encoder: bool) -> float | None:
         specific = self.loraplus_text_encoder_lr_ratio if text_encoder else self.loraplus_unet_lr_ratio
@@ -116,8 +137,19 @@ def parse_lora_options(
         raise UserError("--network_args conv_alpha needs conv_dim (LoRA on 3x3 convolutions is off without it)")
     if "conv_dim" in values:
         values.setdefault("conv_alpha", DEFAULT_CONV_ALPHA)
+    if values.get("use_dora"):
+        check_weight_adapter_dropouts("use_dora", network_dropout, values.get("rank_dropout"))
     return LoRAOptions(dim=dim, alpha=alpha, dropout=network_dropout, network_args=network_args, block_args=block_args,
                        **values)
+
+
+def check_weight_adapter_dropouts(what: str, network_dropout: float | None, rank_dropout: float | None) -> None:
+    """LoHa, LoKr and DoRA build a weight, not a down projection: only module_dropout applies to them."""
+    if network_dropout:
+        raise UserError(f"--network_dropout does not apply with {what} (it drops LoRA's down projection); "
+                        "drop it or use --network_args module_dropout=...")
+    if rank_dropout:
+        raise UserError(f"--network_args rank_dropout does not apply with {what}; drop it or use module_dropout")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +183,10 @@ class LoRANetwork(nn.Module):
             raise ValueError(f"two layers map to the LoRA name {name}; the family's rename is not one-to-one")
         o = self.options
         rank, alpha = module_shape(target, found, o, self._plans.get(target.prefix))
-        if found.members:
+        if o.uses_weight_adapters:
+            members = [layer for _, layer in found.members] or [found.layer]
+            module = build_weight_adapter(o, name, members, rank, alpha, self.multiplier)
+        elif found.members:
             module = FusedLoRAModule(name, [layer for _, layer in found.members], rank, alpha, self.multiplier,
                                      o.dropout, o.rank_dropout, o.module_dropout)
         else:
@@ -267,9 +302,9 @@ class LoRANetwork(nn.Module):
     def _param_groups(part: str, modules: list[LoRAModule], lr: float, loraplus_ratio: float | None) -> list[dict]:
         if loraplus_ratio is None:
             return [{"params": [p for m in modules for p in m.parameters()], "lr": lr, "name": part}]
-        down = [m.lora_down.weight for m in modules]
         up = [m.lora_up.weight for m in modules]
-        return [{"params": down, "lr": lr, "name": part},
+        rest = [p for m in modules for p in m.parameters() if p is not m.lora_up.weight]  # lora_down, dora_scale
+        return [{"params": rest, "lr": lr, "name": part},
                 {"params": up, "lr": lr * loraplus_ratio, "name": f"{part} lora_up"}]
 
     # --- files -------------------------------------------------------------------------------
@@ -278,7 +313,7 @@ class LoRANetwork(nn.Module):
         """sd-scripts' ss_network_* metadata describing this network."""
         o = self.options
         return {
-            "ss_network_module": NETWORK_MODULE_NAME,
+            "ss_network_module": o.network_module,
             "ss_network_dim": str(o.dim),
             "ss_network_alpha": str(o.alpha),
             "ss_network_dropout": str(o.dropout),
@@ -324,6 +359,10 @@ class LoRANetwork(nn.Module):
         Every module in the file must exist in this network with the same rank, shapes and alpha;
         modules missing from the file keep their fresh initialisation.
         """
+        if self.options.uses_weight_adapters:
+            loaded = load_adapter_weights(self._by_name, read_lora_file(path), path)
+            self._warn_missing(path, loaded)
+            return loaded
         file_modules = group_by_module(read_lora_file(path), path)
         unknown = [name for name in file_modules if name not in self._by_name]
         if unknown:
@@ -336,11 +375,14 @@ class LoRANetwork(nn.Module):
             )
         for name, file_module in file_modules.items():
             self._load_module(path, name, file_module)
-        missing = len(self._by_name) - len(file_modules)
+        self._warn_missing(path, len(file_modules))
+        return len(file_modules)
+
+    def _warn_missing(self, path: str, loaded: int) -> None:
+        missing = len(self._by_name) - loaded
         if missing:
             logger.warning("%s holds %d of the network's %d LoRA modules; the other %d start fresh",
-                           path, len(file_modules), len(self._by_name), missing)
-        return len(file_modules)
+                           path, loaded, len(self._by_name), missing)
 
     def _load_module(self, path: str, name: str, file_module) -> None:
         module = self._by_name[name]
@@ -385,6 +427,12 @@ def create_network(
 ) -> LoRANetwork:
     """A LoRA network on the targets' layers (not yet hooked in: call apply_to())."""
     options = parse_lora_options(network_dim, network_alpha, network_dropout, network_args)
+    return build_network(targets, options, train_unet, train_text_encoder, multiplier)
+
+
+def build_network(targets: list[LoraTarget], options: LoRAOptions, train_unet: bool = True,
+                  train_text_encoder: bool = True, multiplier: float = 1.0) -> LoRANetwork:
+    """The network of validated options on the chosen targets' layers."""
     if not train_unet and not train_text_encoder:
         raise UserError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     chosen = [t for t in targets if (train_text_encoder if t.is_text_encoder else train_unet)]
@@ -446,3 +494,6 @@ def _reject_ineffective_options(options: LoRAOptions, layers: list[tuple[LoraTar
         raise UserError("--network_args loraplus_text_encoder_lr_ratio has no effect: no text encoder is trained")
     if options.loraplus_unet_lr_ratio is not None and not has_unet:
         raise UserError("--network_args loraplus_unet_lr_ratio has no effect: the denoiser is not trained")
+    if options.uses_weight_adapters and any(target.save_format != "kohya" for target, _ in layers):
+        raise UserError("the diffusers/PEFT LoRA file layout (--save_lora_format diffusers) holds only plain LoRA; "
+                        "LoHa, LoKr and DoRA are saved in the kohya/LyCORIS layout: drop --save_lora_format")

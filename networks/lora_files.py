@@ -93,7 +93,8 @@ def group_by_module(tensors: dict[str, torch.Tensor], path: str) -> dict[str, Fi
     if foreign:
         raise UserError(
             f"{path} is not a plain LoRA file: {len(foreign)} keys such as `{foreign[0]}` are not "
-            f"{', '.join('.' + s for s in LORA_KEY_SUFFIXES)} (LoHa/LoKr/DoRA files need their own network module)"
+            f"{', '.join('.' + s for s in LORA_KEY_SUFFIXES)}; continue a LoHa/LoKr file with --network_module "
+            "lycoris.kohya --network_args algo=loha|lokr, a DoRA file with --network_args use_dora=True"
         )
     incomplete = [name for name, m in modules.items() if m.down is None or m.up is None]
     if incomplete:

@@ -9,6 +9,8 @@ ComfyUI and sd-scripts expect (`lora_unet_double_blocks_0_img_attn_qkv`), with n
 
 The down projection (with its dropouts) is computed once per input and reused by the other members,
 so dropout masks are shared exactly as in the fused layer; module dropout skips all members together.
+`MemberHooks` is that hook machinery (one computation per input, shared by the members), also used by
+the LoHa/LoKr/DoRA modules of networks/weight_adapters.py.
 """
 
 from __future__ import annotations
@@ -19,22 +21,30 @@ from torch import nn
 from networks.lora_modules import LoRAModule
 
 
-class FusedLoRAModule(LoRAModule):
-    """kohya layout of the fused linear (`lora_down` [rank, in], `lora_up` [sum(out), rank], `alpha`)."""
+def row_ranges(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) rows of each member in the fused weight, members stacked in order."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return [(offsets[j], offsets[j + 1]) for j in range(len(sizes))]
 
-    def __init__(self, lora_name: str, members: list[nn.Linear], rank: int, alpha: float, multiplier: float = 1.0,
-                 dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None):
-        super().__init__(lora_name, members[0], rank, alpha, multiplier, dropout, rank_dropout, module_dropout)
-        self.out_features = [member.out_features for member in members]
-        self.lora_up = nn.Linear(rank, sum(self.out_features), bias=False)
-        nn.init.zeros_(self.lora_up.weight)
-        self._original = tuple(members)
-        offsets = [0]
-        for size in self.out_features:
-            offsets.append(offsets[-1] + size)
-        self.row_ranges = [(offsets[j], offsets[j + 1]) for j in range(len(members))]
-        self._hook_handles: list = []
-        self._shared = None  # (input, hidden, scale or None when module-dropped, members still to use it)
+
+class MemberHooks:
+    """Forward hooks on every member layer of a module (one layer, or a fused group reading one input).
+
+    The first member to see an input computes `shared_value(x)` (None: skip the module this time) and the
+    other members reuse it for the same input object; each member then adds `member_output(index, layer,
+    x, value)` to its own output. Subclasses set `_original` (the member layers) and `row_ranges`."""
+
+    _original: tuple
+    _hook_handles: list
+    _shared = None  # (input, value, members still to use it)
+
+    def shared_value(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def member_output(self, index: int, layer: nn.Module, x: torch.Tensor, value) -> torch.Tensor:
+        raise NotImplementedError
 
     @property
     def members(self) -> tuple:
@@ -46,7 +56,7 @@ class FusedLoRAModule(LoRAModule):
 
     def attach(self) -> None:
         if self.is_attached:
-            raise RuntimeError(f"LoRA {self.lora_name} is already attached")
+            raise RuntimeError(f"{self.lora_name} is already attached")
         for index, member in enumerate(self.members):
             self._hook_handles.append(member.register_forward_hook(self._member_hook(index), with_kwargs=True))
 
@@ -57,30 +67,50 @@ class FusedLoRAModule(LoRAModule):
         self._shared = None
 
     def _member_hook(self, index: int):
-        def add_lora_rows(layer, args, kwargs, output):
+        def add_member_output(layer, args, kwargs, output):
             x = args[0] if args else kwargs["input"]
-            hidden, scale = self._shared_down_projection(x)
-            if scale is None:  # module dropout skipped this module for every member
+            value = self._value_for(x)
+            if value is None:  # module dropout skipped this module for every member
                 return output
-            start, stop = self.row_ranges[index]
-            delta = nn.functional.linear(hidden, self.lora_up.weight[start:stop]) * scale
-            return output + delta.to(output.dtype)
+            return output + self.member_output(index, layer, x, value).to(output.dtype)
 
-        return add_lora_rows
+        return add_member_output
 
-    def _shared_down_projection(self, x: torch.Tensor):
+    def _value_for(self, x: torch.Tensor):
         shared = self._shared
         if shared is not None and shared[0] is x:
-            remaining = shared[3] - 1
-            self._shared = (shared[0], shared[1], shared[2], remaining) if remaining else None
-            return shared[1], shared[2]
-        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
-            hidden, scale = None, None
-        else:
-            hidden, scale = self.down_projection(x)
+            remaining = shared[2] - 1
+            self._shared = (shared[0], shared[1], remaining) if remaining else None
+            return shared[1]
+        value = self.shared_value(x)
         remaining = len(self.members) - 1
-        self._shared = (x, hidden, scale, remaining) if remaining else None
-        return hidden, scale
+        self._shared = (x, value, remaining) if remaining else None
+        return value
+
+
+class FusedLoRAModule(MemberHooks, LoRAModule):
+    """kohya layout of the fused linear (`lora_down` [rank, in], `lora_up` [sum(out), rank], `alpha`)."""
+
+    def __init__(self, lora_name: str, members: list[nn.Linear], rank: int, alpha: float, multiplier: float = 1.0,
+                 dropout: float | None = None, rank_dropout: float | None = None, module_dropout: float | None = None):
+        super().__init__(lora_name, members[0], rank, alpha, multiplier, dropout, rank_dropout, module_dropout)
+        self.out_features = [member.out_features for member in members]
+        self.lora_up = nn.Linear(rank, sum(self.out_features), bias=False)
+        nn.init.zeros_(self.lora_up.weight)
+        self._original = tuple(members)
+        self.row_ranges = row_ranges(self.out_features)
+        self._hook_handles = []
+
+    def shared_value(self, x: torch.Tensor):
+        """(down(x) with its dropouts, scale), or None when module dropout skips every member."""
+        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
+            return None
+        return self.down_projection(x)
+
+    def member_output(self, index: int, layer: nn.Module, x: torch.Tensor, value) -> torch.Tensor:
+        hidden, scale = value
+        start, stop = self.row_ranges[index]
+        return nn.functional.linear(hidden, self.lora_up.weight[start:stop]) * scale
 
     def member_delta_weights(self) -> list[torch.Tensor]:
         """The weight change of each member layer (multiplier included), in member order."""

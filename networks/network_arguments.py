@@ -23,6 +23,7 @@ NETWORK_MODULES = {
     "networks.lora_flux": "networks.lora",
     "networks.lora_sd3": "networks.lora",
     "networks.lora_lumina": "networks.lora",
+    "lycoris.kohya": "networks.lycoris",  # LyCORIS' LoRA/LoHa/LoKr (+ DoRA), our implementation
 }
 
 
@@ -30,7 +31,8 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("LoRA network")
     add_lora_file_format_argument(group)
     group.add_argument("--network_module", default="networks.lora",
-                       help="network to train: networks.lora (sd-scripts' networks.lora_flux/_sd3/_lumina also work)")
+                       help="network to train: networks.lora (sd-scripts' networks.lora_flux/_sd3/_lumina also work) "
+                            "or lycoris.kohya (LoHa, LoKr; --network_args algo=loha|lokr)")
     group.add_argument("--network_dim", type=int, default=None, help="LoRA rank (default 4)")
     group.add_argument("--network_alpha", type=float, default=1.0,
                        help="LoRA alpha: the update is scaled by alpha / rank (default 1; 0 means alpha = rank)")
@@ -38,10 +40,11 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                        help="dropout probability on the LoRA down projection's output while training")
     group.add_argument("--network_args", nargs="*", default=None, metavar="KEY=VALUE",
                        help="extra LoRA settings: conv_dim, conv_alpha, rank_dropout, module_dropout, "
-                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio; per-block "
+                            "loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio, use_dora; per-block "
                             "(SD/SDXL): block_dims, block_alphas, conv_block_dims, conv_block_alphas, "
                             "down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold; family keys "
-                            "(FLUX, SD3) in the family guides")
+                            "(FLUX, SD3) in the family guides; lycoris.kohya also: algo, preset, factor, "
+                            "decompose_both, dora_wd")
     group.add_argument("--network_weights", default=None,
                        help="LoRA file (.safetensors) to start from; its ranks and alphas must match the flags")
     group.add_argument("--network_train_unet_only", action="store_true",
@@ -118,7 +121,7 @@ def import_network_module(name: str) -> ModuleType:
     """The Python module implementing --network_module (it provides create_network)."""
     if name not in NETWORK_MODULES:
         raise UserError(f"--network_module {name} is not supported{did_you_mean(name, NETWORK_MODULES)}; "
-                        "use networks.lora")
+                        "use networks.lora (or lycoris.kohya for LoHa/LoKr)")
     return importlib.import_module(NETWORK_MODULES[name])
 
 

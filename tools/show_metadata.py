@@ -1,4 +1,4 @@
-"""Print a .safetensors file's metadata and what its tensors are: a LoRA's family, layout, ranks and parts.
+"""Print a .safetensors file's metadata and what its tensors are: a LoRA's family, layout, kinds, ranks and parts.
 
     python tools/show_metadata.py file.safetensors
 
@@ -69,18 +69,21 @@ def lora_part(name: str, layout: str) -> str:
 
 
 def lora_summary_lines(header) -> list[str]:
-    from library.lora_formats import detect_family, family_display_name, read_lora
+    from library.lora_formats import LoraPair, detect_family, family_display_name, read_lora
 
     lora = read_lora(header.path)  # LoRA files are small; this also resolves diffusers' metadata alphas
     modules = lora.modules
-    ranks = Counter(pair.rank for pair in modules.values())
+    kinds = Counter(pair.label for pair in modules.values())
+    ranks = Counter(str(pair.rank or "full") for pair in modules.values())
     alphas = Counter(pair.alpha_value() for pair in modules.values())
     parts = Counter(lora_part(name, lora.layout) for name in modules)
-    conv = sum(1 for pair in modules.values() if pair.down.dim() == 4 and pair.down.shape[-1] > 1)
+    conv = sum(1 for pair in modules.values()
+               if isinstance(pair, LoraPair) and pair.down.dim() == 4 and pair.down.shape[-1] > 1)
     dtypes = Counter(info.dtype for info in header.tensors.values())
     return [
         f"LoRA: {family_display_name(detect_family(header.tensors))} family, {lora.layout} layout, {len(modules)} modules"
         + (f" ({conv} on 3x3 convolutions)" if conv else ""),
+        "kind: " + ", ".join(f"{kind} ({count} modules)" for kind, count in sorted(kinds.items())),
         "rank: " + ", ".join(f"{rank} ({count} modules)" for rank, count in sorted(ranks.items())),
         "alpha: " + ", ".join(f"{alpha:g} ({count} modules)" for alpha, count in sorted(alphas.items())),
         "parts: " + ", ".join(f"{part} {count}" for part, count in sorted(parts.items())),
@@ -110,7 +113,7 @@ def show_metadata(argv: list[str]) -> None:
     header = read_header(args.file)
     lines = [f"file: {args.file}", "metadata:" if header.metadata else "metadata: (none)"]
     lines += ["  " + line for line in metadata_lines(header.metadata, args.full)]
-    is_lora = header.tensors and any(split_key(key)[1] == "down" for key in header.tensors)
+    is_lora = header.tensors and any(split_key(key)[1] not in ("", "alpha") for key in header.tensors)
     lines += lora_summary_lines(header) if is_lora else checkpoint_summary_lines(header)
     print("\n".join(lines))
 
