@@ -42,6 +42,8 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    from library.training.fused_backward import add_offload_checkpointing_argument
+
     group = parser.add_argument_group("training loop")
     group.add_argument("--max_train_steps", type=int, default=1600)
     group.add_argument("--max_train_epochs", type=int, default=None, help="overrides --max_train_steps")
@@ -53,6 +55,7 @@ def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--full_fp16", action="store_true", help="train fp16 weights (no fp32 master copy)")
     group.add_argument("--full_bf16", action="store_true", help="train bf16 weights (no fp32 master copy)")
     group.add_argument("--gradient_checkpointing", action="store_true")
+    add_offload_checkpointing_argument(group)
     group.add_argument("--logging_dir", default=None, help="TensorBoard log folder (enables logging)")
     group.add_argument("--log_with", choices=["tensorboard"], default=None)
     group.add_argument("--log_prefix", default=None, help="prefix of the run folder under --logging_dir")
@@ -62,11 +65,14 @@ def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_full_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from library.training.fused_backward import add_fused_backward_arguments
+
     group = parser.add_argument_group("full fine-tuning")
     group.add_argument("--train_text_encoder", action="store_true", help="also train the text encoder(s)")
     group.add_argument("--learning_rate_te", type=float, default=None,
                        help="learning rate of the text encoder (default: --learning_rate)")
     group.add_argument("--save_model_as", choices=["safetensors", "diffusers"], default="safetensors")
+    add_fused_backward_arguments(group)
 
 
 def validate_general_args(args: argparse.Namespace) -> None:
@@ -143,6 +149,7 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     settings for this mode, the arguments)."""
     from library.config.config_file import parse_args_with_config_file
     from library.data.text_encoder_cache import validate_text_cache_args
+    from library.training.fused_backward import validate_memory_args
     from library.training.modes import MODE_KINDS
     from library.training.sampling import validate_sampling_args
     from library.training.validation import validate_validation_args
@@ -155,4 +162,5 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     validate_sampling_args(args)
     validate_validation_args(args)
     validate_text_cache_args(args, kind)
+    validate_memory_args(args, family.has_block_lists)
     return family.configure(args, kind), args

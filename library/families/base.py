@@ -163,6 +163,7 @@ class ModelFamily(ABC):
     settings_class: type = FamilySettings
     network_arg_keys: tuple[str, ...] = ()  # --network_args keys the family reads (networks.lora sees the rest)
     metadata_flags: tuple[str, ...] = ()  # family flags written into LoRA/model metadata as ss_<flag>
+    has_block_lists: bool = False  # block_swap_groups names its block lists (--blocks_to_swap, blockwise optimizers)
 
     def __init__(self, settings: Optional[FamilySettings] = None) -> None:
         self.settings = settings if settings is not None else self.settings_class()

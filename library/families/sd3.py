@@ -101,6 +101,7 @@ class SD3Family(ModelFamily):
     base_model_version = "sd3"
     metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
     modelspec_name = "stable-diffusion-v3"
+    has_block_lists = True
     settings_class = SD3Settings
 
     # ---- arguments ----------------------------------------------------------------------------------
