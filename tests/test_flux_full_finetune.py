@@ -31,14 +31,14 @@ def images(tmp_path_factory):
     return write_demo_images(str(tmp_path_factory.mktemp("images")), repeats=1)
 
 
-def train(folder, images, output_dir, *extra, family="flux", steps="3"):
-    extra_model = ["--t5xxl_max_token_length", "16"] if family in ("flux", "sd3") else []
-    run_training(family, "full", [
-        "--pretrained_model_name_or_path", folder, "--train_data_dir", images, "--resolution", "64",
+def train(model, images, output_dir, *extra, steps="3"):
+    """A flux_train.py run from `model` (a diffusers folder, or a list: transformer file and its flags)."""
+    run_training("flux", "full", [
+        "--pretrained_model_name_or_path", *([model] if isinstance(model, str) else model), "--train_data_dir", images, "--resolution", "64",
         "--output_dir", str(output_dir), "--output_name", "out", "--seed", "7", "--train_batch_size", "2",
         "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False", "scale_parameter=False",
         "--learning_rate", "1e-3", "--max_grad_norm", "0", "--cache_latents_to_disk", "--max_train_steps", steps,
-        *extra_model, *extra,
+        "--t5xxl_max_token_length", "16", *extra,
     ])
     return output_dir / "out.safetensors"
 
@@ -127,12 +127,18 @@ class _ScaledSplitTorch:
         return torch.split(tensor, sizes, dim)
 
 
-def test_resume_is_exact(tiny_flux, images, tmp_path):
-    """Fused step and trained blocks saved at step 2, resumed: the same final weights as a run never stopped."""
+def test_resume_from_bfl_files_is_exact(images, tmp_path):
+    """From BFL single files (their fused q/k/v become separate parameters that a fused step updates one by one),
+    blockwise fused steps, state saved at step 2 and resumed: the same final weights as a run never stopped."""
+    from library.tiny_models.flux import save_tiny_flux_single_files
+
+    files = save_tiny_flux_single_files(str(tmp_path / "files"))
+    model = [files["transformer"], "--clip_l", files["clip_l"], "--t5xxl", files["t5xxl"], "--ae", files["ae"],
+             "--t5_tokenizer", files["t5_tokenizer"]]
     common = ["--gradient_checkpointing", "--blockwise_fused_optimizers", "--save_every_n_steps", "2", "--save_state"]
-    full = load_file(train(tiny_flux, images, tmp_path / "full", *common, steps="4"))
+    full = load_file(train(model, images, tmp_path / "full", *common, steps="4"))
     state = tmp_path / "full" / "out-step00000002-state"
-    resumed = load_file(train(tiny_flux, images, tmp_path / "resumed", *common, "--resume", str(state), steps="4"))
+    resumed = load_file(train(model, images, tmp_path / "resumed", *common, "--resume", str(state), steps="4"))
     assert_same(resumed, full)
     step2 = load_file(tmp_path / "full" / "out-step00000002.safetensors")
     assert any(not torch.equal(step2[k], full[k]) for k in full)
