@@ -181,7 +181,11 @@ class Trainer:
             self.fused.attach(optimizer, accelerator.num_processes)
         lr_scheduler = build_lr_scheduler(args, optimizer, max_steps)
         trainable = self.mode.trainable_modules(components)
-        wrapper, optimizer, lr_scheduler = accelerator.prepare(TrainableModules(trainable), optimizer, lr_scheduler)
+        # a full fine-tune's trainable modules are placed already (a network is not): moving them again would
+        # pull the weights of swapped blocks (--blocks_to_swap) onto the device
+        placed = self.mode.kind.is_full_fine_tune
+        wrapper, optimizer, lr_scheduler = accelerator.prepare(TrainableModules(trainable), optimizer, lr_scheduler,
+                                                               device_placement=[not placed, True, True])
 
         position = TrainingPosition(global_step=0, epoch=1, batch_index=0, seed=seed)
         if resume_folder:
