@@ -151,6 +151,7 @@ def test_user_errors(tiny_flux, images, tmp_path, capsys):
         (["--blockwise_fused_optimizers", "--mixed_precision", "fp16"], "use --mixed_precision bf16"),
         (["--fused_backward_pass", "--blockwise_fused_optimizers"], "choose one"),
         (["--cpu_offload_checkpointing", "--blocks_to_swap", "2"], "cannot be combined with --blocks_to_swap"),
+        (["--train_text_encoder"], "FLUX.1 full fine-tuning trains the transformer only"),
     ]
     for flags, message in cases:
         with pytest.raises(SystemExit) as exit_info:

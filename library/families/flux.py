@@ -228,6 +228,9 @@ class FluxFamily(ModelFamily):
         if kind.is_full_fine_tune:
             if args.save_lora_format != "kohya":
                 raise UserError("--save_lora_format applies to LoRA training only")
+            if args.train_text_encoder:
+                raise UserError("--train_text_encoder: FLUX.1 full fine-tuning trains the transformer only (as "
+                                "sd-scripts' flux_train.py; only the transformer is saved); drop the flag")
         else:
             lora = self._validate_lora_flags(args)
         return FluxSettings(
