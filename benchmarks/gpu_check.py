@@ -1,4 +1,4 @@
-"""One prepared GPU check: VRAM, step time and exactness of LoRA training at real model sizes.
+"""One prepared GPU check: VRAM, step time and exactness of LoRA training and FLUX.1 full fine-tuning at real model sizes.
 
 Sections (each one's figures or error go into the JSON as soon as it ends, so a timeout or a failing
 section still leaves the others):
@@ -14,6 +14,9 @@ section still leaves the others):
   wait in pinned host memory between configurations.
 - `flux_baseline`: the no-swap bf16 step of the same model and LoRA as a hand-written loop (plain
   autocast forward, MSE, backward, torch AdamW), to compare with the trainer's step.
+- `flux_full`: FLUX.1 full fine-tuning at the same dimensions as flux_train.py runs it (flux_full_bench.py:
+  bf16 weights trained without fp32 copies, Adafactor stepped inside the backward pass, gradient
+  checkpointing) with --blocks_to_swap 0, 18 and 35 trained blocks: peak VRAM and median step time.
 - `sdxl`: SDXL's UNet at its real dimensions (diffusers' SDXL config, random bf16 weights), LoRA rank 16
   on SDXLFamily's targets, 1024 px (128x128 latents), batch 1: step time and peak VRAM with and
   without gradient checkpointing.
@@ -25,7 +28,7 @@ Without CUDA the same code runs at tiny widths on the CPU (the block counts stay
 schedule and the exactness are checked, while peak VRAM, the stream overlap and the timings' meaning
 need CUDA; the JSON's `needs_cuda` lists those parts. Nothing is downloaded.
 
-Run: python benchmarks/gpu_check.py --json gpu_check.json [--tiny] [--sections flux sdxl]
+Run: python benchmarks/gpu_check.py --json gpu_check.json [--tiny] [--sections flux flux_full sdxl]
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from library.offload import CudaTransferBackend, HostTransferBackend  # noqa: E402  (torch loads lazily)
 
 SWAPS = (0, 9, 18, 27, 35)  # 35 is FLUX.1's largest under sd-scripts' split (17 double + 36 single)
+FULL_SWAPS = (0, 18, 35)  # full fine-tuning; 36 would leave one of the 19 double blocks on the GPU (2 must stay)
 CARDS_GB = (12, 16, 24)
 CUDA_CONTEXT_GIB = 0.75
 NEEDS_CUDA = ["peak VRAM (torch.cuda.max_memory_allocated)", "block-swap transfers on a side CUDA stream with "
@@ -199,6 +203,12 @@ def median_ms(times: list[float]) -> float:
 
 # ---- FLUX -------------------------------------------------------------------------------------------
 
+def flux_dims(options) -> dict:
+    dims = dict(TINY_FLUX if options.tiny else REAL_FLUX)
+    dims.update({k: getattr(options, k) for k in ("double", "single") if getattr(options, k)})
+    return dims
+
+
 class FluxBench:
     """The FLUX.1 model, its LoRA, the trainer's step pieces and the placement per configuration."""
 
@@ -206,30 +216,15 @@ class FluxBench:
         import torch
 
         self.options, self.device, self.torch = options, device, torch
-        self.dims = dict(TINY_FLUX if options.tiny else REAL_FLUX)
-        self.dims.update({k: getattr(options, k) for k in ("double", "single") if getattr(options, k)})
+        self.dims = flux_dims(options)
         self.transformer = self._build_transformer()
         self._build_training()
         self.parked: list = []  # (parameter, host tensor) of every block parameter while parked
 
     def _build_transformer(self):
-        from diffusers import FluxTransformer2DModel
+        from flux_full_bench import build_flux_transformer
 
-        torch, d = self.torch, self.dims
-        torch.manual_seed(0)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device(self.device.device):  # weights are drawn where they live: no host copy
-                transformer = FluxTransformer2DModel(
-                    patch_size=1, in_channels=64, num_layers=d["double"], num_single_layers=d["single"],
-                    attention_head_dim=d["head_dim"], num_attention_heads=d["heads"],
-                    joint_attention_dim=d["text_width"], pooled_projection_dim=d["pooled"], guidance_embeds=True,
-                    axes_dims_rope=d["rope"])
-        finally:
-            torch.set_default_dtype(previous)
-        transformer.requires_grad_(False)
-        return transformer
+        return build_flux_transformer(self.dims, self.device.device)
 
     def _build_training(self) -> None:
         from library.config.arguments import parse_training_args
@@ -271,16 +266,9 @@ class FluxBench:
         self.batch = self._batch()
 
     def _batch(self) -> dict:
-        torch, d, device = self.torch, self.dims, self.device.device
-        generator = torch.Generator().manual_seed(2)
+        from flux_full_bench import flux_batch
 
-        def randn(*shape):
-            return torch.randn(*shape, generator=generator).to(device)
-
-        return {"latents": randn(1, 16, d["latent_side"], d["latent_side"]),
-                "conditioning": {"t5_hidden_states": randn(1, d["text_tokens"], d["text_width"]).to(torch.bfloat16),
-                                 "pooled": randn(1, d["pooled"]).to(torch.bfloat16)},
-                "loss_weights": torch.ones(1, device=device)}
+        return flux_batch(self.dims, self.device.device)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.transformer.parameters())
@@ -467,6 +455,47 @@ def baseline_section(entry: dict, report: Report, bench: FluxBench) -> None:
     print(f"flux baseline (hand-written loop): {entry['step_ms']} ms", flush=True)
 
 
+def flux_full_section(entry: dict, report: Report, options, device: Device) -> None:
+    """FLUX.1 full fine-tuning as flux_train.py runs it (flux_full_bench.py) with 0/18/35 trained blocks swapped."""
+    from flux_full_bench import FluxFullBench, build_flux_transformer
+
+    dims = flux_dims(options)
+    transformer = build_flux_transformer(dims, device.device)
+    bench = FluxFullBench(transformer, dims, device, options.work_dir)
+    parameters = sum(p.numel() for p in transformer.parameters())
+    print(f"flux_full: {parameters / 1e9:.2f} B trained parameters on {device.device}", flush=True)
+    entry["model"] = {"parameters_billion": round(parameters / 1e9, 3), **dims, "weights": "bf16 (--full_bf16)",
+                      "optimizer": "Adafactor, --fused_backward_pass", "gradient_checkpointing": True, "batch": 1}
+    entry["configs"] = []
+    for n in options.full_swaps:
+        entry["configs"].append(full_config(bench, n, options, device))
+        print_config(entry["configs"][-1])
+        report.write()
+
+
+def full_config(bench, blocks_to_swap: int, options, device: Device) -> dict:
+    import torch
+
+    result = {"precision": "bf16 full", "blocks_to_swap": blocks_to_swap}
+    try:
+        bench.configure(blocks_to_swap)
+        device.reset_peak()
+        first_loss = bench.step()
+        times = timed_steps(device, bench.step, options.warmup + options.steps)
+        result.update(step_ms=median_ms(times[options.warmup:]), steps_timed=options.steps, first_loss=first_loss,
+                      swapped_bytes=bench.swapped_bytes(), swapped_gib=round(bench.swapped_bytes() / 2**30, 2),
+                      **device.peaks())
+        if bench.swapper is not None:
+            result["unscheduled_loads"] = bench.swapper.unscheduled_loads
+    except Exception as error:  # out of memory or a bug: recorded, the next configuration still runs
+        name = "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else type(error).__name__
+        result.update(error=f"{name}: {error}", traceback=traceback.format_exc(limit=12))
+    finally:
+        bench.release()
+        release_memory()
+    return result
+
+
 def print_config(result: dict) -> None:
     if "error" in result:
         print(f"flux {result['precision']} swap {result['blocks_to_swap']:2d}: {result['error'][:200]}", flush=True)
@@ -573,6 +602,10 @@ def print_table(report: Report) -> None:
     baseline = sections.get("flux_baseline", {})
     if "step_ms" in baseline:
         print(f"| flux hand-written loop | bf16 | 0 | {baseline['step_ms']} | {baseline.get('peak_allocated_gib')} | | |")
+    for config in sections.get("flux_full", {}).get("configs", []):
+        print(f"| flux full fine-tune, fused Adafactor | bf16 | {config['blocks_to_swap']} | "
+              f"{config.get('step_ms', config.get('error', '')[:40])} | {config.get('peak_allocated_gib')} | "
+              f"{', '.join(config.get('fits') or []) or '-'} | |")
     for config in sections.get("sdxl", {}).get("configs", []):
         label = "sdxl, checkpointing " + ("on" if config["gradient_checkpointing"] else "off")
         print(f"| {label} | bf16 | - | {config.get('step_ms', config.get('error', '')[:40])} | "
@@ -588,10 +621,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="gpu_check.json", help="where to write the figures (JSON)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths even on a GPU (automatic without CUDA)")
-    parser.add_argument("--sections", nargs="+", default=["flux", "flux_baseline", "sdxl"],
-                        choices=["flux", "flux_baseline", "sdxl"])
+    parser.add_argument("--sections", nargs="+", default=["flux", "flux_baseline", "flux_full", "sdxl"],
+                        choices=["flux", "flux_baseline", "flux_full", "sdxl"])
     parser.add_argument("--swaps", type=int, nargs="+", default=list(SWAPS),
                         help="--blocks_to_swap values (0 is the reference and is always run first)")
+    parser.add_argument("--full_swaps", type=int, nargs="+", default=list(FULL_SWAPS),
+                        help="--blocks_to_swap values of the full fine-tuning section")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first one")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -652,11 +687,12 @@ def main(argv=None) -> int:
                 run_section(report, "flux", flux_section, options, device)
         elif "flux_baseline" in options.sections:
             report.section("flux_baseline").update(status="skipped", reason="runs inside the flux section")
-        if "sdxl" in options.sections:
-            if isolate:
-                run_isolated(report, ["sdxl"], options, passed_on)
-            else:
-                run_section(report, "sdxl", sdxl_section, options, device)
+        for name, function in (("flux_full", flux_full_section), ("sdxl", sdxl_section)):
+            if name in options.sections:
+                if isolate:
+                    run_isolated(report, [name], options, passed_on)
+                else:
+                    run_section(report, name, function, options, device)
     print_table(report)
     failed = [n for n, s in report.data["sections"].items() if s.get("status") == "error"]
     return 1 if failed else 0

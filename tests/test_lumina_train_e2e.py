@@ -149,3 +149,17 @@ def test_script_rejects_flags_without_effect(tiny_lumina, tmp_path):
                         "--network_module", "networks.lora")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--save_lora_format diffusers cannot hold Gemma-2 LoRA modules" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--fused_backward_pass", "--blockwise_fused_optimizers"])
+def test_fused_optimizer_steps_train_the_same_weights(tiny_lumina, demo_image_root, tmp_path, flag):
+    """The optimizer stepped inside backward (per parameter, or per transformer layer) == the plain step."""
+    _, files = tiny_lumina
+    common = ["--max_train_steps", "2", "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",
+              "scale_parameter=False", "--max_grad_norm", "0", "--gradient_checkpointing"]
+    train("full", single_file_args(files), demo_image_root, tmp_path / "plain", *common)
+    train("full", single_file_args(files), demo_image_root, tmp_path / "fused", *common, flag)
+    plain, fused = load_file(tmp_path / "plain" / "out.safetensors"), load_file(tmp_path / "fused" / "out.safetensors")
+    assert plain.keys() == fused.keys()
+    for key in plain:
+        torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=1e-6)

@@ -176,3 +176,17 @@ def test_network_script_runs_and_rejects_flux_flags(tiny_sd3, demo_image_root, t
                      demo_image_root, "--output_dir", str(tmp_path), "--network_module", "networks.lora",
                      "--noise_offset", "0.1")
     assert bad.returncode == 2 and "--noise_offset belongs to DDPM training" in bad.stderr
+
+
+def test_fused_backward_pass_trains_the_same_weights(tiny_sd3, demo_image_root, tmp_path):
+    """--fused_backward_pass (Adafactor stepped per parameter inside backward) == the plain step after backward."""
+    _, files = tiny_sd3
+    model_args = ["--pretrained_model_name_or_path", files["checkpoint"], "--t5_tokenizer", files["t5_tokenizer"]]
+    common = ["--max_train_steps", "2", "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",
+              "scale_parameter=False", "--max_grad_norm", "0", "--cache_text_encoder_outputs_to_disk"]
+    train("full", model_args, demo_image_root, tmp_path / "plain", *common)
+    train("full", model_args, demo_image_root, tmp_path / "fused", *common, "--fused_backward_pass")
+    plain, fused = load_file(tmp_path / "plain" / "out.safetensors"), load_file(tmp_path / "fused" / "out.safetensors")
+    assert plain.keys() == fused.keys()
+    for key in plain:
+        torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=1e-6)

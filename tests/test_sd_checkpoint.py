@@ -173,7 +173,7 @@ def test_flux_file_names_the_flux_script(tmp_path):
     assert read_checkpoint_keys(path) == ["double_blocks.0.img_attn.qkv.weight"]
     with pytest.raises(UserError, match=r"looks like a FLUX.1 checkpoint; use flux_train_network.py"):
         load_sd_models(path)
-    with pytest.raises(UserError, match=r"FLUX.1 has no full fine-tuning script yet, train a LoRA with flux_train_network.py"):
+    with pytest.raises(UserError, match=r"looks like a FLUX.1 checkpoint; use flux_train.py"):
         load_sd_models(path, full_finetune=True)
 
 

@@ -24,7 +24,7 @@ TRAINING_SCRIPTS = {
     "sd_train_network": ("sd", "network"), "sdxl_train_network": ("sdxl", "network"),
     "flux_train_network": ("flux", "network"), "sd3_train_network": ("sd3", "network"),
     "lumina_train_network": ("lumina", "network"), "sd_train": ("sd", "full"), "sdxl_train": ("sdxl", "full"),
-    "sd3_train": ("sd3", "full"), "lumina_train": ("lumina", "full"),
+    "sd3_train": ("sd3", "full"), "lumina_train": ("lumina", "full"), "flux_train": ("flux", "full"),
 }
 
 

@@ -262,7 +262,7 @@ def test_wrong_family_files_and_folders_name_the_right_script(tmp_path):
     folder = tmp_path / "flux"
     os.makedirs(folder)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(UserError, match="looks like a FLUX.1 checkpoint; FLUX.1 has no full fine-tuning script yet, train a LoRA with flux_train_network.py"):
+    with pytest.raises(UserError, match="looks like a FLUX.1 checkpoint; use flux_train.py"):
         load_sdxl_models(str(folder), full_finetune=True)
 
 

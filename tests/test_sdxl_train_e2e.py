@@ -158,3 +158,21 @@ def test_entry_scripts_answer_help(script):
     assert "SDXL model" in result.stdout and "--v_parameterization" in result.stdout
     assert "--learning_rate_te1" in result.stdout
     assert ("--network_dim" in result.stdout) == (script == "sdxl_train_network.py")
+
+
+def test_fused_backward_pass_trains_the_same_weights_with_the_text_encoder(tiny_sdxl, demo_image_root, tmp_path):
+    """sdxl_train.py --fused_backward_pass (Adafactor stepped per weight inside backward; UNet and bigG) ==
+    the plain step after backward."""
+    _, folder, _ = tiny_sdxl
+    common = ["--max_train_steps", "2", "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",
+              "scale_parameter=False", "--max_grad_norm", "0", "--train_text_encoder", "--learning_rate_te1", "0"]
+    results = []
+    for name, extra in (("plain", []), ("fused", ["--fused_backward_pass"])):
+        family, args = parse_training_args(get_family("sdxl"), "full", argv(folder, demo_image_root, tmp_path / name,
+                                                                            *common, *extra))
+        trainer = Trainer(family, args)
+        trainer.train()
+        results.append(trainer.run.components)
+    plain, fused = results
+    assert_same_weights(fused.denoiser, plain.denoiser)
+    assert_same_weights(fused.text_encoders[1], plain.text_encoders[1])

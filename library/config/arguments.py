@@ -46,6 +46,7 @@ def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
     from library.cli import add_console_log_arguments
     from library.training.initial_step import add_initial_step_arguments
     from library.training.trackers import add_tracker_arguments
+    from library.training.fused_backward import add_offload_checkpointing_argument
 
     group = parser.add_argument_group("training loop")
     group.add_argument("--max_train_steps", type=int, default=1600)
@@ -59,6 +60,7 @@ def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--full_fp16", action="store_true", help="train fp16 weights (no fp32 master copy)")
     group.add_argument("--full_bf16", action="store_true", help="train bf16 weights (no fp32 master copy)")
     group.add_argument("--gradient_checkpointing", action="store_true")
+    add_offload_checkpointing_argument(group)
     group.add_argument("--logging_dir", default=None, help="TensorBoard log folder (enables logging)")
     add_tracker_arguments(group)
     add_console_log_arguments(group)
@@ -69,6 +71,8 @@ def add_training_loop_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_full_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from library.training.fused_backward import add_fused_backward_arguments
+
     group = parser.add_argument_group("full fine-tuning")
     group.add_argument("--train_text_encoder", action="store_true", help="also train the text encoder(s)")
     group.add_argument("--learning_rate_te", type=float, default=None,
@@ -76,6 +80,7 @@ def add_full_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save_model_as", choices=SAVE_MODEL_FORMATS, default="safetensors",
                        help="safetensors (one file), ckpt (sd-scripts' torch file, same tensors), diffusers or "
                             "diffusers_safetensors (a diffusers folder, safetensors weights either way)")
+    add_fused_backward_arguments(group)
 
 
 def validate_general_args(args: argparse.Namespace) -> None:
@@ -165,6 +170,7 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     from library.training.optimizers import apply_optimizer_switches
     from library.data.text_encoder_cache import validate_text_cache_args
     from library.training.ema import validate_ema_args
+    from library.training.fused_backward import validate_memory_args
     from library.training.modes import MODE_KINDS
     from library.training.sampling import validate_sampling_args
     from library.training.validation import validate_validation_args
@@ -185,4 +191,5 @@ def parse_training_args(family, mode: str, argv: list[str] | None = None):
     validate_validation_args(args)
     validate_ema_args(args)
     validate_text_cache_args(args, kind, family.text_cache_trains_denoiser_only)
+    validate_memory_args(args, family.has_block_lists)
     return family.configure(args, kind), args

@@ -100,14 +100,19 @@ REFUSED: dict[str, Refusal] = {
     # memory features other versions add
     "fp8_base": Refusal(_FP8.reason, _FP8.instead, families=("sd", "sdxl", "sd3", "lumina")),
     "fp8_base_unet": Refusal(_FP8.reason, _FP8.instead, families=("sd", "sdxl", "sd3", "lumina")),
-    "fused_backward_pass": Refusal(NOT_YET, "use --gradient_checkpointing and --blocks_to_swap to save memory"),
-    "fused_optimizer_groups": Refusal(NOT_YET, "use --gradient_checkpointing and --blocks_to_swap to save memory"),
-    "blockwise_fused_optimizers": Refusal(NOT_YET, "use --gradient_checkpointing and --blocks_to_swap to save memory"),
-    "cpu_offload_checkpointing": Refusal(NOT_YET, "use --blocks_to_swap to keep blocks in CPU memory"),
+    "fused_backward_pass": Refusal("fusing the optimizer step into the backward pass saves the gradients of a whole "
+                                   "model, which only full fine-tuning has", "drop the flag (LoRA gradients are small)",
+                                   modes=("network",)),
+    "fused_optimizer_groups": Refusal("sd-scripts replaced it with --blockwise_fused_optimizers",
+                                      "use --blockwise_fused_optimizers (or --fused_backward_pass with Adafactor)"),
     "blocks_to_swap": Refusal("block swap is for the large transformer families", "drop the flag",
                               families=("sd", "sdxl")),
     "split_mode": Refusal("sd-scripts replaced it with --blocks_to_swap", "use --blocks_to_swap",
                           families=("flux",)),
+    "double_blocks_to_swap": Refusal("sd-scripts deprecated it for --blocks_to_swap", "use --blocks_to_swap",
+                                     families=("flux",), modes=("full",)),
+    "single_blocks_to_swap": Refusal("sd-scripts deprecated it for --blocks_to_swap", "use --blocks_to_swap",
+                                     families=("flux",), modes=("full",)),
     "mem_eff_save": Refusal("saves are already streamed tensor by tensor", "drop the flag", modes=("full",)),
     # data
     "face_crop_aug_range": Refusal(NOT_YET, "crop images around faces beforehand"),

@@ -188,6 +188,7 @@ class ModelFamily(ABC):
     # With cached text-encoder outputs, a LoRA run trains the denoiser only, with one log line (sd-scripts'
     # FLUX/SD3/Lumina scripts), instead of refusing the combination (its SD/SDXL scripts).
     text_cache_trains_denoiser_only: bool = False
+    has_block_lists: bool = False  # block_swap_groups names its block lists (--blocks_to_swap, blockwise optimizers)
 
     def __init__(self, settings: Optional[FamilySettings] = None) -> None:
         self.settings = settings if settings is not None else self.settings_class()

@@ -163,6 +163,7 @@ class FluxFamily(ModelFamily):
     metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
     settings_class = FluxSettings
     network_arg_keys = FAMILY_NETWORK_ARGS
+    has_block_lists = True
 
     def modelspec_architecture(self, components: FluxComponents) -> str:
         return "flux-1-schnell" if components.is_schnell else "flux-1-dev"
@@ -214,6 +215,9 @@ class FluxFamily(ModelFamily):
         if kind.is_full_fine_tune:
             if args.save_lora_format != "kohya":
                 raise UserError("--save_lora_format applies to LoRA training only")
+            if args.train_text_encoder:
+                raise UserError("--train_text_encoder: FLUX.1 full fine-tuning trains the transformer only (as "
+                                "sd-scripts' flux_train.py; only the transformer is saved); drop the flag")
         else:
             lora = self._validate_lora_flags(args)
         return FluxSettings(
@@ -421,12 +425,14 @@ class FluxFamily(ModelFamily):
         return load_flux_ae(args.ae) if args.ae else self.load(args).vae
 
     def save_full_model(self, components: ModelComponents, path: str, save_as: str, dtype, metadata: dict) -> None:
-        """The transformer only, as sd-scripts' flux_train.py saves it: a BFL-layout single file."""
-        from library.models.flux_checkpoint import save_flux_transformer_bfl
+        """The transformer only, as sd-scripts' flux_train.py saves it: a BFL-layout single file (ComfyUI,
+        Forge, sd-scripts), or with --save_model_as diffusers a transformer folder (from_pretrained)."""
+        from library.models.flux_checkpoint import save_flux_transformer_bfl, save_flux_transformer_folder
 
-        if save_as != "safetensors":
-            raise UserError(f"--save_model_as {save_as}: FLUX.1 transformers are saved as one BFL-layout .safetensors")
-        save_flux_transformer_bfl(components.denoiser, path, dtype, {k: str(v) for k, v in metadata.items()})
+        if save_as == "diffusers":
+            save_flux_transformer_folder(components.denoiser, path, dtype)
+        else:
+            save_flux_transformer_bfl(components.denoiser, path, dtype, {k: str(v) for k, v in metadata.items()})
 
     def lora_file_layout(self):
         from library.families.flux_lora_names import FluxLoraFileLayout

@@ -62,6 +62,7 @@ class LuminaFamily(ModelFamily):
     text_cache_trains_denoiser_only = True
     metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
     modelspec_name = "lumina-2"
+    has_block_lists = True
     sample_size_multiple = 16  # 8 pixels per latent cell, 2x2 cells per token
     sample_default_steps = 30
     settings_class = LuminaSettings

@@ -106,6 +106,7 @@ class SD3Family(ModelFamily):
     text_cache_trains_denoiser_only = True
     metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
     modelspec_name = "stable-diffusion-v3"
+    has_block_lists = True
     settings_class = SD3Settings
     network_arg_keys = SD3_NETWORK_ARGS
 

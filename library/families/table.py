@@ -63,7 +63,7 @@ FAMILIES: dict[str, FamilyFacts] = {facts.name: facts for facts in (
          "diffusion_model.output_blocks.0.1.", "diffusion_model.output_blocks.1.1."),
     ),
     FamilyFacts(
-        "flux", "FLUX.1", "library.families.flux:FluxFamily", "flux_train_network.py", None, "flux",
+        "flux", "FLUX.1", "library.families.flux:FluxFamily", "flux_train_network.py", "flux_train.py", "flux",
         ("FluxPipeline",),
         _kind("flux", "FLUX.1", "double_blocks.0.img_attn", "single_transformer_blocks.0."),
         ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks.",

@@ -342,6 +342,24 @@ def save_flux_transformer_bfl(transformer, path: str, dtype=None, metadata: Opti
     return path
 
 
+def save_flux_transformer_folder(transformer, path: str, dtype=None) -> str:
+    """The transformer as a diffusers model folder (config.json + weights; FluxTransformer2DModel.from_pretrained)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from library.atomic_io import replace_folder_atomically
+
+    weights = {k: v.contiguous() for k, v in cpu_state_dict(transformer.state_dict(), dtype).items()}
+
+    def write(folder: str) -> None:
+        transformer.save_config(folder)
+        save_file(weights, os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+    replace_folder_atomically(path, write)
+    return path
+
+
 def save_flux_ae(vae, path: str, dtype=None) -> str:
     from library.models import sd_ldm_layout as layout
 

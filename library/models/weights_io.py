@@ -61,7 +61,7 @@ def load_single_file_part(model_class, state: dict, config: dict, config_dir: st
 def load_exactly(model, state: dict, source: str, assign: bool = False) -> None:
     """load_state_dict that names the first missing or unexpected tensor (position ids aside);
     `source` starts the message ("--clip_l clip_l.safetensors")."""
-    result = model.load_state_dict(state, strict=False, assign=assign)
+    result = model.load_state_dict(owning_tensors(state) if assign else state, strict=False, assign=assign)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
         name = (missing or result.unexpected_keys)[0]
@@ -84,8 +84,15 @@ def build_transformer_from_state(model_class, config: dict, state: dict, dtype, 
         raise UserError(f"{source}: {'missing' if missing else 'unexpected'} transformer tensor {name}; "
                         f"the file is incomplete or not a {model_name}")
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(owning_tensors(state), assign=True)
     return model
+
+
+def owning_tensors(state: dict) -> dict:
+    """`state` with views (q, k, v split from a fused tensor) copied into their own storage before they become
+    parameters: views share their base's version counter, so an in-place update of one (an optimizer step
+    inside backward) would look to autograd like a change of its siblings. Other tensors are not copied."""
+    return {k: (v.clone() if v._base is not None else v) for k, v in state.items()}
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def tiny_t5_tokenizer(folder: str):
     return load_t5_tokenizer(folder)
 
 
-def tiny_flux_pipeline(tokenizer_folder: str, guidance_embeds: bool = True, seed: int = 0):
+def tiny_flux_pipeline(tokenizer_folder: str, guidance_embeds: bool = True, seed: int = 0, num_layers: int = 2,
+                       num_single_layers: int = 2):
     from diffusers import FluxPipeline
 
     from library.models.clip_tokenizer import build_clip_tokenizer
@@ -67,17 +68,19 @@ def tiny_flux_pipeline(tokenizer_folder: str, guidance_embeds: bool = True, seed
     return FluxPipeline(
         scheduler=flux_sampling_scheduler(), vae=tiny_flux_ae(seed), text_encoder=tiny_clip_text_model(seed=seed),
         tokenizer=build_clip_tokenizer(), text_encoder_2=tiny_t5_encoder(seed),
-        tokenizer_2=tiny_t5_tokenizer(tokenizer_folder), transformer=tiny_flux_transformer(guidance_embeds, seed=seed),
+        tokenizer_2=tiny_t5_tokenizer(tokenizer_folder), transformer=tiny_flux_transformer(guidance_embeds, num_layers, num_single_layers, seed),
     )
 
 
-def save_tiny_flux_pipeline(folder: str, guidance_embeds: bool = True, seed: int = 0) -> str:
-    """A complete diffusers FluxPipeline folder (dev-like with guidance, schnell-like without)."""
+def save_tiny_flux_pipeline(folder: str, guidance_embeds: bool = True, seed: int = 0, num_layers: int = 2,
+                            num_single_layers: int = 2) -> str:
+    """A complete diffusers FluxPipeline folder (dev-like with guidance, schnell-like without; more double
+    and single blocks for block-swap runs)."""
     import tempfile
 
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory() as tokenizer_folder:
-        tiny_flux_pipeline(tokenizer_folder, guidance_embeds, seed).save_pretrained(folder)
+        tiny_flux_pipeline(tokenizer_folder, guidance_embeds, seed, num_layers, num_single_layers).save_pretrained(folder)
     return folder
 
 

@@ -52,6 +52,7 @@ class Trainer:
         settings' kind picks the training mode."""
         self.family, self.args = family, args
         self.mode = make_mode(family.settings.kind, family, args)
+        self.fused = None  # a FusedStep with --fused_backward_pass / --blockwise_fused_optimizers
 
     # ----- setup -------------------------------------------------------------------------------
     def _load_datasets(self, seed: int, num_processes: int):
@@ -142,6 +143,7 @@ class Trainer:
         from library.training.distributed import build_accelerator
         from library.training.ema import EMATracker
         from library.training.initial_step import initial_position
+        from library.training.fused_backward import fused_step_for
         from library.training.lr_schedulers import build_lr_scheduler
         from library.training.metadata import training_metadata
         from library.training.optimizers import build_optimizer, describe_optimizer, set_optimizer_train_mode
@@ -171,18 +173,27 @@ class Trainer:
         apply_attention_backend(args, components.denoiser, accelerator.device)
         weight_dtype = torch_dtype(args.mixed_precision)
         param_groups = self.mode.prepare(components)
+        self.fused = fused_step_for(args)
+        if self.fused:
+            param_groups = self.fused.param_groups(param_groups, self.family, components)
         self._place_components(components, accelerator.device, weight_dtype)
         for part in (dataset, validation_dataset):
             if part is not None:
                 self._cache_latents(part, latents_strategy, components, accelerator)
                 self._cache_text_encoder_outputs(part, components, accelerator.device)
-        if args.gradient_checkpointing:
+        if args.gradient_checkpointing or args.cpu_offload_checkpointing:
             self._enable_gradient_checkpointing(components)
 
         optimizer = build_optimizer(args, param_groups)
+        if self.fused:
+            self.fused.attach(optimizer, accelerator.num_processes)
         lr_scheduler = build_lr_scheduler(args, optimizer, max_steps)
         trainable = self.mode.trainable_modules(components)
-        wrapper, optimizer, lr_scheduler = accelerator.prepare(TrainableModules(trainable), optimizer, lr_scheduler)
+        # a full fine-tune's trainable modules are placed already (a network is not): moving them again would
+        # pull the weights of swapped blocks (--blocks_to_swap) onto the device
+        placed = self.mode.kind.is_full_fine_tune
+        wrapper, optimizer, lr_scheduler = accelerator.prepare(TrainableModules(trainable), optimizer, lr_scheduler,
+                                                               device_placement=[not placed, True, True])
 
         ema = EMATracker.for_run(args, trainable, accelerator)  # before a resume, which restores it
         position = TrainingPosition(global_step=0, epoch=1, batch_index=0, seed=seed)
@@ -210,7 +221,9 @@ class Trainer:
         return self.args.seed if self.args.seed is not None else random.randint(0, 2**31 - 1)
 
     def _enable_gradient_checkpointing(self, components) -> None:
-        components.denoiser.enable_gradient_checkpointing()
+        from library.training.fused_backward import checkpointing_function
+
+        components.denoiser.enable_gradient_checkpointing(checkpointing_function(self.args))
         components.denoiser.train()
         if self.mode.trains_text_encoder:
             for encoder in components.text_encoders:
@@ -228,6 +241,7 @@ class _Run:
         from library.training.validation import Validator
 
         self.trainer, self.args, self.family, self.mode = trainer, trainer.args, trainer.family, trainer.mode
+        self.fused = trainer.fused  # the optimizer step runs inside backward (library/training/fused_backward.py)
         self.accelerator, self.components, self.dataset = accelerator, components, dataset
         self.optimizer, self.lr_scheduler, self.wrapper = optimizer, lr_scheduler, wrapper
         self.max_steps, self.steps_per_epoch, self.num_batches = max_steps, steps_per_epoch, num_batches
@@ -330,22 +344,26 @@ class _Run:
         with nullcontext() if sync else accelerator.no_sync(self.wrapper):
             losses = self.step_loss.sample_losses(batch, generators, forward=self.wrapper)
             loss = losses.sum() * share.loss_scale(accelerator.num_processes)
+            if self.fused:
+                self.fused.arm(loss.item())
             accelerator.backward(loss / group_size)
         return loss.detach().item() / group_size
 
     def _optimizer_step(self, loss: float) -> bool:
-        """Steps the optimizer unless the loss (the same on every process) is NaN/inf; False then."""
+        """Steps the optimizer unless the loss (the same on every process) is NaN/inf; False then.
+        A fused step already ran inside backward (and not for a NaN loss); here it only finishes."""
         finite = math.isfinite(loss)
-        if finite:
+        if self.fused:
+            self.fused.finish()
+        elif finite:
             if self.args.max_grad_norm:
                 params = [p for module in self.trainable for p in module.parameters() if p.requires_grad]
                 self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
             self.optimizer.step()
-            self.lr_scheduler.step()
-        else:
-            with warnings.catch_warnings():  # torch warns when the scheduler steps without the optimizer
+        with warnings.catch_warnings():  # torch warns when the scheduler steps without the optimizer
+            if not finite:
                 warnings.simplefilter("ignore")
-                self.lr_scheduler.step()  # the schedule follows the step count, skipped steps included
+            self.lr_scheduler.step()  # the schedule follows the step count, skipped steps included
         self.optimizer.zero_grad(set_to_none=True)
         return finite
 
