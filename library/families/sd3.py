@@ -102,6 +102,8 @@ class SD3Family(ModelFamily):
     metadata_flags = ("v_parameterization",)  # sd-scripts writes it for every model (refused here: always False)
     modelspec_name = "stable-diffusion-v3"
     settings_class = SD3Settings
+    full_precision_modules = (r"^(pos_embed|context_embedder|time_text_embed|norm_out|proj_out)\b",)
+    large_text_encoders = (2,)  # T5-XXL
 
     # ---- arguments ----------------------------------------------------------------------------------
 
