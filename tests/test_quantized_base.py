@@ -4,6 +4,8 @@ gradients through the quantized layers to the input and LoRA, only the storage k
 moving quantized storage without a second copy, LoRA training on the tiny model of every family with each
 storage (its file applied exactly by diffusers), and the refused combinations."""
 
+import logging
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -257,14 +259,19 @@ def assert_peft_file_applies(family, folder, path):
 
 @pytest.mark.parametrize("family", ("sd", "sdxl", "flux", "sd3", "lumina"))
 @pytest.mark.parametrize("storage", STORAGES)
-def test_lora_on_a_quantized_base_trains_and_loads_in_diffusers(family, storage, tiny_models, demo_image_root, tmp_path):
+def test_lora_on_a_quantized_base_trains_and_loads_in_diffusers(family, storage, tiny_models, demo_image_root, tmp_path,
+                                                                 caplog):
     from lora_checks import assert_diffusers_applies_every_module, sdxl_layers_by_kohya_name
 
     folder = tiny_models[family]
     extra = ["--base_weights_dtype", storage]
     if family in ("flux", "sd3", "lumina"):
         extra += ["--text_encoder_weights_dtype", storage]
-    path = train_lora(family, folder, demo_image_root, tmp_path / "quantized", *extra)
+    with caplog.at_level(logging.INFO, logger="library.quantized_base"):
+        path = train_lora(family, folder, demo_image_root, tmp_path / "quantized", *extra)
+    stored = [r.getMessage() for r in caplog.records if r.name == "library.quantized_base"]
+    assert len(stored) == (1 if family in ("sd", "sdxl") else 2)  # the denoiser (+ T5 / Gemma-2)
+    assert all(m.startswith(f"{storage} base weights: ") and " 0 Linear" not in m for m in stored)
     tensors = load_file(path)
     reference = load_file(train_lora(family, folder, demo_image_root, tmp_path / "plain")) if storage == "nf4" else None
     if reference is not None:  # the same modules, names and shapes as a run on the unquantized base
