@@ -65,7 +65,10 @@ class Int8Storage(StorageFormat):
     def quantize(self, weight):
         import bitsandbytes.functional as bnb
 
-        values, row_absmax, _ = bnb.int8_vectorwise_quant(weight.float())
+        # bitsandbytes' CUDA kernel takes only fp16 (which holds bf16/fp8 weights exactly, |w| < 65504) and
+        # scales in fp32; its CPU path computes in the input's dtype, so it gets fp32
+        source = weight.to(torch.float16 if weight.device.type == "cuda" else torch.float32).contiguous()
+        values, row_absmax, _ = bnb.int8_vectorwise_quant(source)
         return [values, row_absmax.float().view(torch.int32)]
 
     def dequantize(self, parts, shape, dtype):
