@@ -341,7 +341,7 @@ class FluxBench:
 
         self.unpark_blocks()
         release_memory()
-        quantize_linears(self.transformer, "fp8", keep=FluxFamily.full_precision_modules, device=self.device)
+        quantize_linears(self.transformer, "fp8", keep=FluxFamily.full_precision_modules, device=self.device.device)
 
     # ----- one configuration ---------------------------------------------------------------------
     def run_config(self, precision: str, blocks_to_swap: int) -> dict:
