@@ -182,7 +182,6 @@ def test_flag_meanings():
     assert settings("sd3", "network", "--base_weights_dtype", "nf4", "--text_encoder_weights_dtype", "int8") == (
         "nf4", "int8")
     assert settings("sd", "network", "--fp8_base") == ("fp8", None)  # CLIP stays in the training dtype
-    assert settings("lumina", "full", "--text_encoder_weights_dtype", "nf4") == (None, "nf4")  # Gemma is frozen
 
 
 @pytest.mark.parametrize("family, mode, flags, message", [
@@ -192,7 +191,7 @@ def test_flag_meanings():
     ("sdxl", "network", ["--text_encoder_weights_dtype", "fp8"], "SDXL has no large text encoder"),
     ("sd3", "network", ["--text_encoder_weights_dtype", "nf4", "--cache_text_encoder_outputs", "--network_train_unet_only"],
      "has no effect with"),
-    ("sd3", "full", ["--text_encoder_weights_dtype", "nf4", "--train_text_encoder"], "--train_text_encoder trains them"),
+    ("sd3", "full", ["--text_encoder_weights_dtype", "nf4"], "a full fine-tune saves its text encoders"),
 ])
 def test_bad_combinations_are_refused(family, mode, flags, message):
     with pytest.raises(UserError, match=message):

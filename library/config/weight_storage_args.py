@@ -46,9 +46,9 @@ class WeightStorage:
             raise UserError(f"{_denoiser_flag(args)} stores the frozen denoiser in {denoiser}, but a full fine-tune "
                             "trains those weights; drop it (it is for LoRA training)")
         text_encoders = _text_encoder_storage(args, family)
-        if text_encoders and kind.is_full_fine_tune and kind.trains_text_encoders(args):
-            raise UserError(f"--text_encoder_weights_dtype {text_encoders} stores frozen text encoders, but "
-                            "--train_text_encoder trains them; drop one of the two")
+        if text_encoders and kind.is_full_fine_tune:
+            raise UserError(f"--text_encoder_weights_dtype {text_encoders}: a full fine-tune saves its text encoders "
+                            "with the model, in the training dtype; drop it (it is for LoRA training)")
         return cls(denoiser=denoiser, text_encoders=text_encoders)
 
 
