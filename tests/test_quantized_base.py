@@ -290,3 +290,17 @@ def _pipeline(name, folder):
     import diffusers
 
     return lambda: getattr(diffusers, name).from_pretrained(folder, local_files_only=True)
+
+
+def test_generate_renders_on_a_quantized_base_and_refuses_a_sweep(tiny_models, tmp_path, caplog):
+    from tools.generate import generate
+
+    common = ["--family", "flux", "--pretrained_model_name_or_path", tiny_models["flux"], "--W", "64", "--H", "64",
+              "--steps", "2", "--prompt", "a cat", "--seed", "3", "--device", "cpu"]
+    with caplog.at_level(logging.INFO, logger="library.quantized_base"):
+        images = generate([*common, "--outdir", str(tmp_path / "q"), "--base_weights_dtype", "nf4",
+                           "--text_encoder_weights_dtype", "int8"])
+    stored = sorted(r.getMessage().split(":")[0] for r in caplog.records if r.name == "library.quantized_base")
+    assert stored == ["int8 base weights", "nf4 base weights"] and len(images) == 1
+    with pytest.raises(UserError, match="--ratios_sweep changes weights that --fp8_base/--base_weights_dtype"):
+        generate([*common, "--outdir", str(tmp_path / "s"), "--fp8_base", "--loras", __file__, "--ratios_sweep", "0,1"])
