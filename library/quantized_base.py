@@ -3,10 +3,10 @@
 A `StorageFormat` turns a Linear's weight into integer-typed storage tensors and back: fp8 is float8_e4m3fn
 (sd-scripts' --fp8_base, a plain cast), int8 is absmax per output row (bitsandbytes' int8_vectorwise_quant,
 LLM.int8's weight format) and nf4 is 4-bit NormalFloat in blocks of 64 with one fp32 absmax per block
-(bitsandbytes' quantize_4bit, QLoRA's format). `quantize_linears` swaps every Linear of a model, except the
-paths a family keeps in full precision, for a `QuantizedLinear`: an nn.Linear (so LoRA's forward hook and
-layer search treat it as one) whose weight lives only as that storage and is dequantized into the input's dtype
-inside each call. Its autograd function saves the storage, never the dequantized weight, and dequantizes again
+(bitsandbytes' quantize_4bit, QLoRA's format). `quantize_linears` turns every Linear of a model, except the
+paths a family keeps in full precision, into a `QuantizedLinear` in place (same object: LoRA hooks already on it
+stay): an nn.Linear whose weight lives only as that storage and is dequantized into the compute dtype (the
+autocast dtype, else the input's) inside each call. Its autograd function saves the storage, never the dequantized weight, and dequantizes again
 in backward: frozen weights get no gradient, the input does (LoRA's gradients flow through it).
 Storage tensors are integer-typed parameters (fp8 and fp32 scales viewed as uint8/int32), so a model's
 `.to(dtype)` never casts them, diffusers/transformers' `model.dtype` does not see them, and block swap
@@ -34,7 +34,7 @@ class StorageFormat:
     """How one kind of storage quantizes and dequantizes a 2-D weight."""
 
     name: str
-    bits_per_weight: float  # storage bits per weight, scales included (for docs and benchmarks)
+    bits_per_weight: float  # storage bits per weight, per-block scales included (int8's one fp32 per row is not)
     max_relative_error: float  # a bound on ||W - dequantize(quantize(W))|| / ||W|| for Gaussian-like weights
 
     def quantize(self, weight: torch.Tensor) -> list[torch.Tensor]:
