@@ -8,7 +8,7 @@ section still leaves the others):
   tokens), T5 length 512, batch 1, gradient checkpointing, AdamW, one training step the way the trainer
   runs it (StepLoss: flow-matching noise, FluxFamily.predict under accelerate's bf16 autocast,
   accelerator.backward, optimizer step). For --blocks_to_swap 0, 9, 18, 27, 36, with bf16 and with fp8
-  base weights (store_in_fp8): peak torch.cuda.max_memory_allocated, median step time, and the first
+  base weights (library/quantized_base.py): peak torch.cuda.max_memory_allocated, median step time, and the first
   step's loss and LoRA gradients against the no-swap run of the same precision (same inputs, same seed,
   same starting LoRA weights). The model is built once and re-placed per configuration; block weights
   wait in pinned host memory between configurations.
@@ -324,11 +324,12 @@ class FluxBench:
             param.data = host
 
     def to_fp8(self) -> None:
-        from library.families.flux import store_in_fp8
+        from library.families.flux import FluxFamily
+        from library.quantized_base import quantize_linears
 
         self.unpark_blocks()
         release_memory()
-        store_in_fp8(self.transformer, self.torch.bfloat16)
+        quantize_linears(self.transformer, "fp8", keep=FluxFamily.full_precision_modules, device=self.device.device)
 
     # ----- one configuration ---------------------------------------------------------------------
     def run_config(self, precision: str, blocks_to_swap: int) -> dict:

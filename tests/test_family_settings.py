@@ -38,15 +38,15 @@ def test_flux_settings_hold_what_predict_and_sampling_read():
     family, args = parse_training_args(get_family("flux"), "network", [
         *COMMON, "--apply_t5_attn_mask", "--guidance_scale", "2.0", "--fp8_base", "--save_lora_format", "diffusers"])
     settings = family.settings
-    assert (settings.apply_t5_attn_mask, settings.guidance_scale, settings.fp8, settings.save_lora_format) == (
-        True, 2.0, True, "diffusers")
+    assert (settings.apply_t5_attn_mask, settings.guidance_scale, settings.save_lora_format) == (True, 2.0, "diffusers")
+    assert (family.denoiser_storage, family.text_encoder_storage) == ("fp8", "fp8")  # sd-scripts: T5 too
     assert settings.t5xxl_max_token_length is None and settings.blocks_to_swap == 0
 
 
 def test_the_mode_kind_decides_full_fine_tune_checks():
-    _, args = parse_training_args(get_family("flux"), "network", [*COMMON, "--fp8_base"])  # fine for a LoRA
-    with pytest.raises(UserError, match="--fp8_base stores frozen weights in float8"):
-        get_family("flux").settings_from_args(args, FULL)
+    parse_training_args(get_family("flux"), "network", [*COMMON, "--fp8_base"])  # fine for a LoRA
+    with pytest.raises(UserError, match="--fp8_base stores the frozen denoiser in fp8, but a full fine-tune"):
+        parse_training_args(get_family("flux"), "full", [*COMMON, "--fp8_base"])
     with pytest.raises(UserError, match="--learning_rate_te1 is for sdxl_train.py"):
         parse_training_args(get_family("sdxl"), "network", [*COMMON, "--learning_rate_te1", "1e-5"])
 

@@ -118,18 +118,20 @@ def test_t5_tokenizer_needs_a_source_offline(monkeypatch, tmp_path):
 
 
 def test_fp8_storage_runs_on_cpu():
-    from library.families.flux import store_in_fp8
+    from library.families.flux import FluxFamily
+    from library.quantized_base import QuantizedLinear, quantize_linears
 
     reference, model = tiny_flux_transformer(), tiny_flux_transformer()
-    store_in_fp8(model, torch.float32)
-    assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    quantize_linears(model, "fp8", keep=FluxFamily.full_precision_modules)
+    to_q = model.transformer_blocks[0].attn.to_q
+    assert isinstance(to_q, QuantizedLinear) and to_q.weight_q0.view(torch.float8_e4m3fn).dtype == torch.float8_e4m3fn
+    assert type(model.x_embedder) is torch.nn.Linear and model.x_embedder.weight.dtype == torch.float32  # kept
     assert model.transformer_blocks[0].attn.norm_q.weight.dtype == torch.float32
     inputs = dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 32),
                   pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
                   txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]), return_dict=False)
     with torch.no_grad():
         got, expected = model(**inputs)[0], reference(**inputs)[0]
-    assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn  # stored back after use
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()  # fp8 rounding, not garbage
 
 
@@ -143,5 +145,7 @@ def test_family_saves_a_trained_transformer_as_a_bfl_file(tmp_path):
     FluxFamily().save_full_model(parts, path, "safetensors", torch.bfloat16, {"ss_steps": 10})
     model, _ = ckpt.load_flux_transformer(path)
     assert_same_state(model, tiny_flux_transformer(seed=4), torch.bfloat16)
-    with pytest.raises(UserError, match="saved as one BFL-layout .safetensors"):
-        FluxFamily().save_full_model(parts, str(tmp_path / "folder"), "diffusers", None, {})
+    FluxFamily().save_full_model(parts, str(tmp_path / "folder"), "diffusers", torch.bfloat16, {})
+    from diffusers import FluxTransformer2DModel
+    assert_same_state(FluxTransformer2DModel.from_pretrained(str(tmp_path / "folder"), torch_dtype=torch.bfloat16), tiny_flux_transformer(seed=4),
+                      torch.bfloat16)

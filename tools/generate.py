@@ -82,11 +82,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(family) -> argparse.ArgumentParser:
+    from library.config.weight_storage_args import add_weight_storage_arguments
     from library.tools_common import add_family_arguments
 
     parser = argparse.ArgumentParser(description=f"Generate images with a {family.display_name} model and LoRAs.")
     add_family_arguments(parser)
     family.add_arguments(parser)
+    add_weight_storage_arguments(parser)
     add_generation_arguments(parser)
     parser.add_argument("--config_file", default=None, help="TOML file holding any of these arguments")
     return parser
@@ -116,6 +118,9 @@ def check_args(family, args: argparse.Namespace) -> None:
     if args.ratios_sweep is not None and family.settings.blocks_to_swap:
         raise UserError("--ratios_sweep changes weights that --blocks_to_swap keeps copies of; sweep without "
                         "--blocks_to_swap, or run one --ratios per command")
+    if args.ratios_sweep is not None and (family.denoiser_storage or family.text_encoder_storage):
+        raise UserError("--ratios_sweep changes weights that --fp8_base/--base_weights_dtype store quantized; sweep "
+                        "without them, or run one --ratios per command")
     if args.ratios is not None and len(args.ratios) != len(args.loras):
         raise UserError(f"--ratios has {len(args.ratios)} values for {len(args.loras)} --loras; give one per LoRA")
     for flag in ("W", "H", "steps", "images_per_prompt"):
@@ -157,17 +162,15 @@ def choose_device(args: argparse.Namespace):
 
 
 def place_components(family, components, args, device, dtype) -> None:
-    """Everything on the device (the denoiser the family's way: block swap, fp8), or left in CPU
-    memory for diffusers' model CPU offload."""
+    """Everything on the device (the denoiser and text encoders the family's way: block swap, fp8/int8/nf4
+    storage), or left in CPU memory for diffusers' model CPU offload."""
     from library.devices import move_module
 
-    if args.cpu_offload:
-        for module in [components.denoiser, components.vae, *components.text_encoders]:
-            move_module(module, "cpu", dtype)
-        return
-    for module in [components.vae, *components.text_encoders]:
-        move_module(module, device, dtype)
-    family.place_denoiser(components, device, dtype)
+    target = "cpu" if args.cpu_offload else device
+    move_module(components.vae, target, dtype)
+    for index in range(len(components.text_encoders)):
+        family.place_text_encoder(components, index, target, dtype)
+    family.place_denoiser(components, target, dtype)
 
 
 def load_model(family, args, device, strengths: list[float]):

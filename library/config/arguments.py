@@ -127,6 +127,7 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     from library.config.dataset_args import add_dataset_arguments
     from library.config.sd_scripts_compat import add_compat_arguments
     from library.training.attention import add_attention_arguments
+    from library.config.weight_storage_args import add_weight_storage_arguments
     from library.data.dataset import add_caching_arguments, add_data_loading_arguments
     from library.data.text_encoder_cache import add_text_encoder_cache_arguments
     from library.training.lr_schedulers import add_lr_scheduler_arguments
@@ -144,6 +145,7 @@ def build_parser(family, mode: str) -> argparse.ArgumentParser:
     add_caching_arguments(parser)
     add_data_loading_arguments(parser)
     add_text_encoder_cache_arguments(parser)
+    add_weight_storage_arguments(parser)
     family.add_noise_arguments(parser)
     add_optimizer_arguments(parser)
     add_lr_scheduler_arguments(parser)

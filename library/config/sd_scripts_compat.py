@@ -68,8 +68,6 @@ _DDP = Refusal("DDP options are not exposed", "set them in your accelerate confi
 _COMPILE = Refusal(f"torch.compile is {NOT_YET}", "train without it")
 _METADATA = Refusal(f"model-spec metadata fields are {NOT_YET}",
                     "the trained file carries sd-scripts' ss_* training metadata; edit fields with a safetensors tool")
-_FP8 = Refusal(f"fp8/quantized base weights for this family are {NOT_YET}",
-               "use --mixed_precision bf16 (and --gradient_checkpointing) to save memory")
 
 REFUSED: dict[str, Refusal] = {
     # saving, uploading, bookkeeping
@@ -98,8 +96,6 @@ REFUSED: dict[str, Refusal] = {
     "use_sage_attn": Refusal("SageAttention is not supported", "drop the flag (PyTorch SDPA is used)",
                              families=("lumina",)),
     # memory features other versions add
-    "fp8_base": Refusal(_FP8.reason, _FP8.instead, families=("sd", "sdxl", "sd3", "lumina")),
-    "fp8_base_unet": Refusal(_FP8.reason, _FP8.instead, families=("sd", "sdxl", "sd3", "lumina")),
     "fused_backward_pass": Refusal("fusing the optimizer step into the backward pass saves the gradients of a whole "
                                    "model, which only full fine-tuning has", "drop the flag (LoRA gradients are small)",
                                    modes=("network",)),

@@ -57,6 +57,7 @@ class FamilySettings:
 
     kind: ModeKind = NETWORK  # the training mode's kind (LoRA or full fine-tune)
     blocks_to_swap: int = 0  # --blocks_to_swap where the family has it (library/offload.py)
+    weight_storage: Any = None  # library.config.weight_storage_args.WeightStorage (fp8/int8/nf4 frozen weights)
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,10 @@ class ModelFamily(ABC):
     # FLUX/SD3/Lumina scripts), instead of refusing the combination (its SD/SDXL scripts).
     text_cache_trains_denoiser_only: bool = False
     has_block_lists: bool = False  # block_swap_groups names its block lists (--blocks_to_swap, blockwise optimizers)
+    # --base_weights_dtype / --fp8_base: regexes of the denoiser's Linear paths that stay in the training dtype
+    full_precision_modules: tuple[str, ...] = ()
+    # indexes into ModelComponents.text_encoders that --text_encoder_weights_dtype stores (T5-XXL, Gemma-2)
+    large_text_encoders: tuple[int, ...] = ()
 
     def __init__(self, settings: Optional[FamilySettings] = None) -> None:
         self.settings = settings if settings is not None else self.settings_class()
@@ -211,7 +216,12 @@ class ModelFamily(ABC):
 
     def configure(self, args: "argparse.Namespace", kind: ModeKind) -> "ModelFamily":
         """A family object of the same class holding the settings validated from args."""
-        return type(self)(self.settings_from_args(args, kind))
+        from dataclasses import replace
+
+        from library.config.weight_storage_args import WeightStorage
+
+        settings = self.settings_from_args(args, kind)
+        return type(self)(replace(settings, weight_storage=WeightStorage.from_args(args, kind, self)))
 
     # ---- loading and placing ------------------------------------------------------------------------
 
@@ -236,9 +246,38 @@ class ModelFamily(ABC):
             from library.offload import require_cuda
 
             require_cuda(device)
+        self._store_frozen_weights(components.denoiser, self.denoiser_storage, self.full_precision_modules, device)
         move_module(components.denoiser, "cpu" if swap else device, dtype)
         if swap:
             self.start_block_swap(components.denoiser, device)
+
+    def place_text_encoder(self, components: ModelComponents, index: int, device, dtype) -> None:
+        """Move text encoder `index` to the training device and dtype, its Linear weights stored in
+        --text_encoder_weights_dtype when it is one of the family's large text encoders."""
+        from library.devices import move_module
+
+        encoder = components.text_encoders[index]
+        storage = self.text_encoder_storage if index in self.large_text_encoders else None
+        self._store_frozen_weights(encoder, storage, (), device)
+        move_module(encoder, device, dtype)
+
+    @property
+    def denoiser_storage(self) -> Optional[str]:
+        """fp8/int8/nf4 for the denoiser's frozen Linear weights, or None."""
+        return self.settings.weight_storage.denoiser if self.settings.weight_storage else None
+
+    @property
+    def text_encoder_storage(self) -> Optional[str]:
+        """fp8/int8/nf4 for the large text encoders' frozen Linear weights, or None."""
+        return self.settings.weight_storage.text_encoders if self.settings.weight_storage else None
+
+    @staticmethod
+    def _store_frozen_weights(module, storage: Optional[str], keep: Sequence[str], device) -> None:
+        """Quantize `module`'s Linear weights (library/quantized_base.py), each on the training device."""
+        if storage and module is not None:
+            from library.quantized_base import quantize_linears
+
+            quantize_linears(module, storage, keep=keep, device=device)
 
     def block_swap_groups(self, denoiser, blocks_to_swap: int) -> list[tuple[str, Sequence, int]]:
         """Which blocks --blocks_to_swap swaps: (name, block list, how many of it) per list of the

@@ -1,11 +1,11 @@
 """The FLUX.1 family (dev and schnell): flags, loading, strategies, flow matching, the transformer call,
-LoRA targets in BFL names, fp8 storage and block swapping.
+LoRA targets in BFL names and block swapping.
 
 Flags keep sd-scripts' flux_train_network.py names: --clip_l/--t5xxl/--ae (single files), --t5xxl_max_token_length
 (default 512 for dev, 256 for schnell, detected from the transformer: schnell has no guidance weights),
---apply_t5_attn_mask, --guidance_scale, --fp8_base/--fp8_base_unet (transformer Linear weights stored
-in float8_e4m3fn through diffusers' layerwise casting, computed in the mixed-precision dtype; the text
-encoders are not cast), --blocks_to_swap (library/offload.py, sd-scripts' split: N/2 double blocks and
+--apply_t5_attn_mask, --guidance_scale, --fp8_base/--fp8_base_unet/--base_weights_dtype (the generic
+frozen-weight storage of library/quantized_base.py: the transformer's Linears but its input/output and
+embedding layers, and T5-XXL, the family's large text encoder), --blocks_to_swap (library/offload.py, sd-scripts' split: N/2 double blocks and
 2 x the rest single blocks), and the flow-matching flags (library/training/flow_matching.py) instead
 of DDPM's. --t5_tokenizer is ours: where the T5 vocabulary comes from offline.
 `predict` packs latents 2x2 into tokens, builds image/text position ids and the guidance input (dev),
@@ -143,7 +143,6 @@ class FluxSettings(FamilySettings):
     apply_t5_attn_mask: bool = False
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     t5xxl_max_token_length: Optional[int] = None  # None: 512 for dev, 256 for schnell
-    fp8: bool = False  # --fp8_base / --fp8_base_unet
     save_lora_format: str = "kohya"
     lora: FluxLoraSettings = field(default_factory=lambda: FluxLoraSettings({}))
 
@@ -164,6 +163,8 @@ class FluxFamily(ModelFamily):
     settings_class = FluxSettings
     network_arg_keys = FAMILY_NETWORK_ARGS
     has_block_lists = True
+    full_precision_modules = (r"^(x_embedder|context_embedder|time_text_embed|norm_out|proj_out)\b",)
+    large_text_encoders = (1,)  # T5-XXL
 
     def modelspec_architecture(self, components: FluxComponents) -> str:
         return "flux-1-schnell" if components.is_schnell else "flux-1-dev"
@@ -189,10 +190,6 @@ class FluxFamily(ModelFamily):
                            help="mask T5 padding in T5 and in the transformer's attention")
         group.add_argument("--guidance_scale", type=float, default=None,
                            help=f"guidance input of the guidance-distilled dev model (default {DEFAULT_GUIDANCE_SCALE})")
-        group.add_argument("--fp8_base", action="store_true",
-                           help="store the frozen transformer in float8_e4m3fn, compute in the mixed-precision dtype")
-        group.add_argument("--fp8_base_unet", action="store_true",
-                           help="the same as --fp8_base here (the text encoders are never stored in fp8)")
         add_blocks_to_swap_argument(group, "transformer blocks")
         group.add_argument("--save_lora_format", choices=("kohya", "diffusers"), default="kohya",
                            help="LoRA file keys: kohya (BFL names, default; ComfyUI, sd-scripts, diffusers) or "
@@ -204,13 +201,14 @@ class FluxFamily(ModelFamily):
         add_flow_matching_arguments(parser, FLUX_OBJECTIVE)
 
     def settings_from_args(self, args: argparse.Namespace, kind) -> FluxSettings:
+        from library.offload import validated_blocks_to_swap
         from library.training.flow_matching import FLUX_OBJECTIVE, FlowMatchingOptions, reject_ddpm_flags
 
         reject_ddpm_flags(args, self.display_name)
         flow_options = FlowMatchingOptions.from_args(args, FLUX_OBJECTIVE)
         if args.t5xxl_max_token_length is not None and args.t5xxl_max_token_length < 1:
             raise UserError(f"--t5xxl_max_token_length must be at least 1 (got {args.t5xxl_max_token_length})")
-        blocks_to_swap = self._validate_memory_flags(args, kind)
+        blocks_to_swap = validated_blocks_to_swap(args.blocks_to_swap)
         lora = FluxLoraSettings({})
         if kind.is_full_fine_tune:
             if args.save_lora_format != "kohya":
@@ -224,22 +222,9 @@ class FluxFamily(ModelFamily):
             kind=kind, blocks_to_swap=blocks_to_swap, flow_options=flow_options,
             apply_t5_attn_mask=bool(args.apply_t5_attn_mask),
             guidance_scale=DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale,
-            t5xxl_max_token_length=args.t5xxl_max_token_length, fp8=bool(args.fp8_base or args.fp8_base_unet),
+            t5xxl_max_token_length=args.t5xxl_max_token_length,
             save_lora_format=args.save_lora_format, lora=lora,
         )
-
-    @staticmethod
-    def _validate_memory_flags(args, kind) -> int:
-        from library.offload import validated_blocks_to_swap
-
-        fp8 = args.fp8_base or args.fp8_base_unet
-        blocks_to_swap = validated_blocks_to_swap(args.blocks_to_swap)
-        if fp8 and kind.is_full_fine_tune:
-            raise UserError("--fp8_base stores frozen weights in float8; it cannot be used when the transformer trains")
-        if fp8 and not args.gradient_checkpointing:
-            logger.warning("--fp8_base without --gradient_checkpointing: backward keeps full-precision copies of "
-                           "the weights it needs, so fp8 storage saves little memory")
-        return blocks_to_swap
 
     @staticmethod
     def _validate_lora_flags(args) -> FluxLoraSettings:
@@ -263,7 +248,7 @@ class FluxFamily(ModelFamily):
 
         models = load_flux_models(args.pretrained_model_name_or_path, args.clip_l, args.t5xxl, args.ae,
                                   args.t5_tokenizer, dtype=torch_dtype(args.mixed_precision),
-                                  keep_fp8=self.settings.fp8, with_vae=with_vae)
+                                  keep_fp8=self.denoiser_storage is not None, with_vae=with_vae)
         if models.is_schnell and args.guidance_scale is not None:
             raise UserError("--guidance_scale has no effect: this is a FLUX.1 schnell model (no guidance input)")
         components = FluxComponents(
@@ -274,22 +259,6 @@ class FluxFamily(ModelFamily):
         )
         logger.info("FLUX.1 %s, T5 length %d", "schnell" if models.is_schnell else "dev", self.t5_max_length(components))
         return components
-
-    def place_denoiser(self, components: ModelComponents, device, dtype) -> None:
-        """With --fp8_base the transformer's Linear weights are stored in fp8 (layerwise casting) and the
-        blocks may swap; without it as every family (ModelFamily.place_denoiser)."""
-        if not self.settings.fp8:
-            super().place_denoiser(components, device, dtype)
-            return
-        from library.offload import require_cuda
-
-        if self.settings.blocks_to_swap:
-            require_cuda(device)
-        store_in_fp8(components.denoiser, dtype)
-        if self.settings.blocks_to_swap:
-            self.start_block_swap(components.denoiser, device)
-        else:
-            components.denoiser.to(device)
 
     def block_swap_groups(self, transformer, blocks_to_swap: int):
         """sd-scripts' split of --blocks_to_swap over the double and single blocks (flux_swap_split)."""
@@ -447,17 +416,3 @@ def joint_attention_mask(t5_mask, height: int, width: int, device):
     t5_mask = t5_mask.to(device=device, dtype=torch.bool)
     image = torch.ones(t5_mask.shape[0], (height // 2) * (width // 2), device=device, dtype=torch.bool)
     return torch.cat([t5_mask, image], dim=1)[:, None, None, :]
-
-
-def store_in_fp8(transformer, compute_dtype) -> None:
-    """Linear weights in float8_e4m3fn, cast to compute_dtype layer by layer as they run (diffusers'
-    layerwise casting); every other parameter (norms) in compute_dtype. Works on CPU: no fp8 matmul."""
-    import torch
-    from diffusers.hooks import apply_layerwise_casting
-
-    for module in transformer.modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
-            for param in module.parameters(recurse=False):
-                param.data = param.data.to(compute_dtype)
-    apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
-                            skip_modules_pattern=("pos_embed",))

@@ -66,6 +66,8 @@ class LuminaFamily(ModelFamily):
     sample_size_multiple = 16  # 8 pixels per latent cell, 2x2 cells per token
     sample_default_steps = 30
     settings_class = LuminaSettings
+    full_precision_modules = (r"^(x_embedder|time_caption_embed|norm_out)\b",)
+    large_text_encoders = (0,)  # Gemma-2 2B
 
     # ---- arguments ----------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class SDFamily(ModelFamily):
     display_name = "Stable Diffusion 1.x/2.x"
     metadata_flags = ("clip_skip", "max_token_length", "v2", "v_parameterization")  # as sd-scripts writes them
     settings_class = SDSettings
+    full_precision_modules = (r"^(time_embedding|add_embedding)\b",)  # --fp8_base: the UNet's attention/FF Linears
 
     @property
     def base_model_version(self) -> str:  # sd-scripts' ss_base_model_version

@@ -109,6 +109,8 @@ class SD3Family(ModelFamily):
     has_block_lists = True
     settings_class = SD3Settings
     network_arg_keys = SD3_NETWORK_ARGS
+    full_precision_modules = (r"^(pos_embed|context_embedder|time_text_embed|norm_out|proj_out)\b",)
+    large_text_encoders = (2,)  # T5-XXL
 
     # ---- arguments ----------------------------------------------------------------------------------
 

@@ -74,6 +74,7 @@ class SDXLFamily(ModelFamily):
     metadata_flags = ("clip_skip", "max_token_length", "v2", "v_parameterization")  # as sd-scripts writes them
     base_model_version = "sdxl_base_v1-0"  # sd-scripts' ss_base_model_version for SDXL
     modelspec_name = "stable-diffusion-xl-v1-base"
+    full_precision_modules = (r"^(time_embedding|add_embedding)\b",)  # --fp8_base: the UNet's attention/FF Linears
 
     # ---- arguments ----------------------------------------------------------------------------------
 

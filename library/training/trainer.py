@@ -86,8 +86,8 @@ class Trainer:
             return full_precision_dtype if id(part) in trainable else weight_dtype
 
         self.family.place_denoiser(components, device, dtype_of(components.denoiser))
-        for part in components.text_encoders:
-            move_module(part, device, dtype_of(part))
+        for index, part in enumerate(components.text_encoders):
+            self.family.place_text_encoder(components, index, device, dtype_of(part))
         if components.vae is not None:
             move_module(components.vae, device, torch.float32 if getattr(args, "no_half_vae", False) else weight_dtype)
 
