@@ -1,6 +1,5 @@
 """The SD family: flags, loading through the family, tokenization/encoding layout, latents, predict, LoRA targets."""
 
-import argparse
 
 import pytest
 import torch
@@ -20,10 +19,10 @@ BOS, EOS = 49406, 49407
 
 
 def parse(*argv):
+    from library.config.arguments import build_parser
+
     family = SDFamily()
-    parser = argparse.ArgumentParser()
-    family.add_arguments(parser)
-    args = parser.parse_args(["--pretrained_model_name_or_path", "x", *argv])
+    args = build_parser(family, "network").parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", "out", *argv])
     return family.configure(args, NETWORK), args
 
 

@@ -23,14 +23,10 @@ from library.training.modes import FULL, NETWORK, FullFineTuneMode
 
 
 def parse(*argv, full=False):
-    family = SDXLFamily()
-    parser = argparse.ArgumentParser()
-    family.add_arguments(parser)
-    if full:
-        from library.config.arguments import add_full_finetune_arguments
+    from library.config.arguments import build_parser
 
-        add_full_finetune_arguments(parser)
-    args = parser.parse_args(["--pretrained_model_name_or_path", "x", *argv])
+    family = SDXLFamily()
+    args = build_parser(family, "full" if full else "network").parse_args(["--pretrained_model_name_or_path", "x", "--output_dir", "out", *argv])
     return family.configure(args, FULL if full else NETWORK), args
 
 
