@@ -99,10 +99,8 @@ def parse_tool_args(family, parser: argparse.ArgumentParser, argv: list[str]):
     from library.config.config_file import parse_args_with_config_file
     from library.training.modes import NETWORK
 
-    args = parse_args_with_config_file(parser, argv)
-    for name, default in _training_defaults(family).items():
-        if not hasattr(args, name):
-            setattr(args, name, default)
+    parsed = parse_args_with_config_file(parser, argv)
+    args = argparse.Namespace(**{**_training_defaults(family), **vars(parsed)})
     return family.configure(args, NETWORK), args
 
 

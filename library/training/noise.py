@@ -140,7 +140,7 @@ class DDPMNoiseOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DDPMNoiseOptions":
         names = cls.__dataclass_fields__.keys()
-        return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+        return cls(**{name: getattr(args, name) for name in names})
 
 
 def _validate_noise_flags(o: DDPMNoiseOptions) -> None:
@@ -262,7 +262,7 @@ class DDPMNoiseScheme(NoiseScheme):
 
     @classmethod
     def from_args(cls, scheduler, args: argparse.Namespace) -> "DDPMNoiseScheme":
-        return cls(scheduler, DDPMNoiseOptions.from_args(args), bool(getattr(args, "zero_terminal_snr", False)))
+        return cls(scheduler, DDPMNoiseOptions.from_args(args), bool(args.zero_terminal_snr))
 
     @property
     def v_prediction(self) -> bool:
