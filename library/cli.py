@@ -31,9 +31,9 @@ def add_console_log_arguments(group) -> None:
 def apply_console_log_args(args) -> None:
     """--console_log_level / --console_log_file, applied to the root logger."""
     root = logging.getLogger()
-    if getattr(args, "console_log_level", None):
+    if args.console_log_level:
         root.setLevel(args.console_log_level)
-    if getattr(args, "console_log_file", None):
+    if args.console_log_file:
         handler = logging.FileHandler(args.console_log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)

@@ -334,6 +334,10 @@ def test_cache_info_is_accepted_and_said_to_do_nothing(tmp_path, caplog):
 
 
 def test_resize_interpolation_cascades_and_is_checked(tmp_path):
+    from library.config.dataset_args import RESIZE_INTERPOLATIONS
+    from library.data.images import PIL_FILTERS
+
+    assert set(RESIZE_INTERPOLATIONS) == set(PIL_FILTERS)  # every accepted name has a Pillow filter
     make_dirs(tmp_path, "a", "b")
     root = tmp_path.as_posix()
     text = ('[general]\nresize_interpolation = "bicubic"\n[[datasets]]\n[[datasets.subsets]]\n'

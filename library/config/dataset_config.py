@@ -404,7 +404,6 @@ def _build_subset(options: dict, table: dict, path: list, source: _Source) -> Su
     return SubsetSpec(**folders, is_reg=table.get("is_reg", False), captions=captions, **others)
 
 
-
 def _existing_path(table: dict, key: str, path: list, source: _Source) -> str | None:
     if key not in table:
         return None
