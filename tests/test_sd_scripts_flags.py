@@ -113,7 +113,8 @@ def test_config_file_reports_every_unknown_and_refused_key(tmp_path):
     assert message.startswith("3 flags or keys cannot be used:")
     assert f"{config}: unknown key `extra.learning_rat`: no flag --learning_rat in this script " \
            "(did you mean `learning_rate`?)" in message
-    assert f"{config}: `extra.huggingface_repo_id`: uploading to the Hugging Face Hub is not built in" in message
+    assert f"{config}: `extra.huggingface_repo_id`: uploading to the Hugging Face Hub is not built in; upload the " \
+           "output folder afterwards with `huggingface-cli upload`\n" in message + "\n"
     assert "did you mean `network_dim`?" in message
 
 

@@ -143,10 +143,12 @@ def _values_from_file(parser, config_action, path) -> tuple[dict[str, Any], dict
     problems: list[str] = []
     for key, (value, where) in _flatten_sections(load_toml(path), path).items():
         action = by_name.get(key)
-        if action is None or is_refused_action(action):
-            problems.append(f"{path}: `{where}`: " + problem_line(key, parser).split(": ", 1)[1]
-                            if action is not None else
-                            f"{path}: unknown key `{where}`: no flag --{key} in this script{did_you_mean(key, _usable_names(by_name))}")
+        if action is None:
+            hint = did_you_mean(key, _usable_names(by_name))
+            problems.append(f"{path}: unknown key `{where}`: no flag --{key} in this script{hint}")
+            continue
+        if is_refused_action(action):
+            problems.append(f"{path}: `{where}`: {action.refusal.why()}")
             continue
         if action is config_action:
             raise UserError(f"{path}: `{where}`: a config file cannot name another config file")

@@ -42,8 +42,11 @@ class Refusal(_Scoped):
     families: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
 
+    def why(self) -> str:
+        return f"{self.reason}; {self.instead}"
+
     def line(self, flag: str) -> str:
-        return f"--{flag}: {self.reason}; {self.instead}"
+        return f"--{flag}: {self.why()}"
 
 
 @dataclass(frozen=True)
