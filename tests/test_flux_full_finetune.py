@@ -56,10 +56,27 @@ def plain_run(tiny_flux, images, tmp_path_factory):
 
 
 @pytest.mark.parametrize("flag", ["--fused_backward_pass", "--blockwise_fused_optimizers"])
-def test_fused_step_equals_the_plain_step(tiny_flux, images, tmp_path, plain_run, flag):
-    """Also through --cpu_offload_checkpointing (on a CPU run its moves are no-ops; the checkpoint path is used)."""
+def test_fused_step_equals_the_plain_step(tiny_flux, images, tmp_path, plain_run, flag, monkeypatch):
+    """Also through --cpu_offload_checkpointing (on a CPU run its moves are no-ops; the checkpoint path is used).
+    The fused hooks and the offloading checkpoint must really run: an ignored flag would match the plain run too."""
+    from library.training import fused_backward
+
+    calls = {"step_only": 0, "offloading_checkpoint": 0}
+
+    def counted(name):
+        original = getattr(fused_backward, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(fused_backward, name, wrapper)
+
+    counted("step_only")
+    counted("offloading_checkpoint")
     fused = load_file(train(tiny_flux, images, tmp_path, flag, "--gradient_checkpointing", "--cpu_offload_checkpointing"))
     assert_same(fused, plain_run, atol=1e-6)
+    assert calls["step_only"] > 0 and calls["offloading_checkpoint"] > 0
 
 
 def test_swapped_trained_blocks_equal_no_swap(tiny_flux, images, tmp_path, plain_run, monkeypatch):

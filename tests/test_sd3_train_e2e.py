@@ -178,8 +178,12 @@ def test_network_script_runs_and_rejects_flux_flags(tiny_sd3, demo_image_root, t
     assert bad.returncode == 2 and "--noise_offset belongs to DDPM training" in bad.stderr
 
 
-def test_fused_backward_pass_trains_the_same_weights(tiny_sd3, demo_image_root, tmp_path):
+def test_fused_backward_pass_trains_the_same_weights(tiny_sd3, demo_image_root, tmp_path, monkeypatch):
     """--fused_backward_pass (Adafactor stepped per parameter inside backward) == the plain step after backward."""
+    from library.training import fused_backward
+
+    stepped, step_only = [], fused_backward.step_only
+    monkeypatch.setattr(fused_backward, "step_only", lambda *a: stepped.append(1) or step_only(*a))
     _, files = tiny_sd3
     model_args = ["--pretrained_model_name_or_path", files["checkpoint"], "--t5_tokenizer", files["t5_tokenizer"]]
     common = ["--max_train_steps", "2", "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",
@@ -190,3 +194,4 @@ def test_fused_backward_pass_trains_the_same_weights(tiny_sd3, demo_image_root, 
     assert plain.keys() == fused.keys()
     for key in plain:
         torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=1e-6)
+    assert stepped  # the hooks stepped: an ignored flag would match the plain run too

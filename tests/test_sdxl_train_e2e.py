@@ -160,9 +160,14 @@ def test_entry_scripts_answer_help(script):
     assert ("--network_dim" in result.stdout) == (script == "sdxl_train_network.py")
 
 
-def test_fused_backward_pass_trains_the_same_weights_with_the_text_encoder(tiny_sdxl, demo_image_root, tmp_path):
+def test_fused_backward_pass_trains_the_same_weights_with_the_text_encoder(tiny_sdxl, demo_image_root, tmp_path,
+                                                                          monkeypatch):
     """sdxl_train.py --fused_backward_pass (Adafactor stepped per weight inside backward; UNet and bigG) ==
     the plain step after backward."""
+    from library.training import fused_backward
+
+    stepped, step_only = [], fused_backward.step_only
+    monkeypatch.setattr(fused_backward, "step_only", lambda *a: stepped.append(1) or step_only(*a))
     _, folder, _ = tiny_sdxl
     common = ["--max_train_steps", "2", "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False",
               "scale_parameter=False", "--max_grad_norm", "0", "--train_text_encoder", "--learning_rate_te1", "0"]
@@ -176,3 +181,4 @@ def test_fused_backward_pass_trains_the_same_weights_with_the_text_encoder(tiny_
     plain, fused = results
     assert_same_weights(fused.denoiser, plain.denoiser)
     assert_same_weights(fused.text_encoders[1], plain.text_encoders[1])
+    assert stepped  # the hooks stepped: an ignored flag would match the plain run too

@@ -26,7 +26,7 @@ def add_attention_arguments(parser) -> None:
 
 def apply_attention_backend(args, denoiser, device) -> str:
     """Switch `denoiser` to xformers when asked and possible; returns the backend in use ("xformers" or "sdpa")."""
-    if not getattr(args, "xformers", False):
+    if not args.xformers:
         return "sdpa"
     reason = _processors_without_xformers(denoiser) or _xformers_unavailable(device)
     if reason is None:

@@ -55,7 +55,7 @@ def add_ema_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate_ema_args(args: argparse.Namespace) -> None:
     """Every EMA flag needs --ema; values must make sense."""
-    given = [flag for flag in EMA_FLAGS if getattr(args, flag, None) not in (None, False)]
+    given = [flag for flag in EMA_FLAGS if getattr(args, flag) not in (None, False)]
     if given and not args.ema:
         raise UserError(f"--{given[0]} needs --ema")
     if not args.ema:
@@ -72,7 +72,7 @@ def validate_ema_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag} must be positive (got {value})")
-    if args.sample_with_ema and not getattr(args, "sample_prompts", None):
+    if args.sample_with_ema and not args.sample_prompts:
         raise UserError("--sample_with_ema needs --sample_prompts")
 
 

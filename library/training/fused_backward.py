@@ -45,7 +45,7 @@ def add_offload_checkpointing_argument(group) -> None:
 
 
 def fused_flag(args: argparse.Namespace) -> Optional[str]:
-    """The fused-step flag a run uses, or None."""
+    """The fused-step flag a run uses, or None (the flags exist in full fine-tuning runs only, hence getattr)."""
     for flag in ("fused_backward_pass", "blockwise_fused_optimizers"):
         if getattr(args, flag, False):
             return flag
@@ -54,7 +54,7 @@ def fused_flag(args: argparse.Namespace) -> Optional[str]:
 
 def validate_memory_args(args: argparse.Namespace, has_block_lists: bool) -> None:
     """Reject combinations the fused step or the offloaded checkpoints cannot honour (before any model loads)."""
-    if getattr(args, "cpu_offload_checkpointing", False) and getattr(args, "blocks_to_swap", None):
+    if args.cpu_offload_checkpointing and getattr(args, "blocks_to_swap", None):  # a flag of FLUX/SD3/Lumina only
         raise UserError("--cpu_offload_checkpointing cannot be combined with --blocks_to_swap (as in sd-scripts): "
                         "choose one")
     flag = fused_flag(args)
@@ -78,7 +78,7 @@ def validate_memory_args(args: argparse.Namespace, has_block_lists: bool) -> Non
 
 def checkpointing_function(args: argparse.Namespace):
     """The function diffusers' enable_gradient_checkpointing should use (None: its default)."""
-    return offloading_checkpoint if getattr(args, "cpu_offload_checkpointing", False) else None
+    return offloading_checkpoint if args.cpu_offload_checkpointing else None
 
 
 def offloading_checkpoint(module, *args):

@@ -344,10 +344,11 @@ class _Run:
         with nullcontext() if sync else accelerator.no_sync(self.wrapper):
             losses = self.step_loss.sample_losses(batch, generators, forward=self.wrapper)
             loss = losses.sum() * share.loss_scale(accelerator.num_processes)
+            value = loss.detach().item()  # one device sync per micro-batch, before backward (the fused step needs it)
             if self.fused:
-                self.fused.arm(loss.item())
+                self.fused.arm(value)
             accelerator.backward(loss / group_size)
-        return loss.detach().item() / group_size
+        return value / group_size
 
     def _optimizer_step(self, loss: float) -> bool:
         """Steps the optimizer unless the loss (the same on every process) is NaN/inf; False then.
