@@ -49,10 +49,7 @@ def dora_change(weight: "torch.Tensor", delta: "torch.Tensor", dora_scale: "torc
     import torch
 
     weight, delta = weight.float(), delta.float()
-    changed = weight + delta
-    columns = changed.transpose(0, 1).reshape(changed.shape[1], -1)
-    norm = columns.norm(dim=1).reshape(1, changed.shape[1], *[1] * (changed.dim() - 2))
-    factor = dora_scale.float() / (norm + torch.finfo(torch.float32).eps)
+    factor = dora_scale.float() / (dora_scale_of(weight + delta) + torch.finfo(torch.float32).eps)
     return weight * (factor - 1) + delta * factor
 
 
@@ -104,11 +101,6 @@ class _Weights:
     @property
     def scale(self) -> float:
         return 1.0 if self.rank is None else self.alpha_value() / self.rank
-
-    @property
-    def needs_original(self) -> bool:
-        """True when the change depends on the layer's weight (DoRA)."""
-        return self.dora_scale is not None
 
     @property
     def label(self) -> str:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 def lora_layer_map(family, components) -> dict[str, list[tuple[str, object, Optional[tuple[int, int]]]]]:
     """kohya LoRA name -> [(layer path, layer, up rows)] over every part LoRA can target."""
+    from networks.lora_fused import row_ranges
     from networks.lora_modules import find_lora_layers
 
     places: dict[str, list] = {}
@@ -33,11 +34,8 @@ def lora_layer_map(family, components) -> dict[str, list[tuple[str, object, Opti
             if not found.members:
                 places[name] = [(found.path, found.layer, None)]
                 continue
-            start, rows = 0, []
-            for path, layer in found.members:
-                rows.append((path, layer, (start, start + layer.weight.shape[0])))
-                start += layer.weight.shape[0]
-            places[name] = rows
+            ranges = row_ranges([layer.weight.shape[0] for _, layer in found.members])
+            places[name] = [(path, layer, rows) for (path, layer), rows in zip(found.members, ranges)]
     return places
 
 

@@ -66,7 +66,7 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_numbered_text_encoder_lrs(args: argparse.Namespace) -> None:
     """--text_encoder_lr1/2/3 become the per-encoder --text_encoder_lr list; unnamed encoders before the
     last one given take --text_encoder_lr (one value), else --learning_rate."""
-    numbered = [getattr(args, f"text_encoder_lr{index}", None) for index in (1, 2, 3)]
+    numbered = [getattr(args, f"text_encoder_lr{index}") for index in (1, 2, 3)]
     if all(value is None for value in numbered):
         return
     if args.text_encoder_lr is not None and len(args.text_encoder_lr) > 1:

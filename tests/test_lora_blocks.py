@@ -41,9 +41,9 @@ def modules_of(path):
     return {n: (tensors[f"{n}.lora_down.weight"].shape[0], tensors[f"{n}.alpha"].item()) for n in names}
 
 
-def is_conv3x3(path, name):
-    return load_file(path)[f"{name}.lora_down.weight"].dim() == 4 and \
-        load_file(path)[f"{name}.lora_down.weight"].shape[-1] == 3
+def is_conv3x3(tensors, name):
+    down = tensors[f"{name}.lora_down.weight"]
+    return down.dim() == 4 and down.shape[-1] == 3
 
 
 def test_sd_block_ranks_alphas_and_zero_lr_blocks_in_the_saved_file(tiny_sd15_folder, demo_image_root, tmp_path):
@@ -65,13 +65,14 @@ def test_sd_block_ranks_alphas_and_zero_lr_blocks_in_the_saved_file(tiny_sd15_fo
         "up_lr_weight=" + ",".join(map(str, up)), "mid_lr_weight=0.05", "block_lr_zero_threshold=0.1",
     ])
     path = tmp_path / "out.safetensors"
-    modules = modules_of(path)
+    modules, tensors = modules_of(path), load_file(path)
     blocks = {sd_block(n) for n in modules}
     assert None not in blocks and 12 not in blocks and 16 not in blocks  # MID below threshold, OUT03 zero
     assert {1, 2, 5, 13, 24} <= blocks
+    assert any(is_conv3x3(tensors, name) for name in modules)  # conv_block_dims put LoRA on the 3x3 convolutions
     for name, (rank, alpha) in modules.items():
         block = sd_block(name)
-        if is_conv3x3(path, name):
+        if is_conv3x3(tensors, name):
             assert (rank, alpha) == (2, 0.5), name
         else:
             assert block != 5 and (rank, alpha) == (dims[block], alphas[block]), name

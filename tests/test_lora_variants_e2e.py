@@ -78,6 +78,8 @@ def test_variant_trains_on_every_family(trained, family, variant):
     lora = read_lora(path)
     assert lora.layout == "kohya" and detect_family(tensors) == family
     assert EXPECTED_NAME[family] in lora.modules
+    if (family, variant) == ("sd", "loha"):  # preset=full (the default) also trains the 3x3 convolutions
+        assert "lora_unet_down_blocks_0_resnets_0_conv1" in lora.modules
     kinds = {pair.label for pair in lora.modules.values()}
     assert kinds == {{"loha": "LoHa", "lokr": "LoKr + DoRA", "dora": "LoRA + DoRA"}[variant]}
     assert all(f"{name}.alpha" in tensors for name in lora.modules)

@@ -83,6 +83,26 @@ def test_merge_into_bfl_and_text_encoder_files_and_into_a_diffusers_folder(flux,
         torch.testing.assert_close(from_folder[key], weight, atol=1e-5, rtol=0)
 
 
+def test_sd_scripts_flux_merge_command_line_writes_what_our_flags_write(flux, tmp_path):
+    """flux_merge_lora.py's --flux_model (selects FLUX), --models, --clip_l/--t5xxl with their --*_save_to and
+    --working_device land on the same merge as --flux --model --loras --text_encoders --save_text_encoders_to."""
+    roles = ("transformer", "clip_l", "t5xxl")
+    ours = {role: str(tmp_path / f"ours_{role}.safetensors") for role in roles}
+    theirs = {role: str(tmp_path / f"theirs_{role}.safetensors") for role in roles}
+    merge_lora(["--flux", "--model", flux["transformer"], "--loras", flux["lora"], "--ratios", "0.6",
+                "--text_encoders", flux["clip_l"], flux["t5xxl"], "--save_to", ours["transformer"],
+                "--save_text_encoders_to", ours["clip_l"], ours["t5xxl"]])
+    merge_lora(["--flux_model", flux["transformer"], "--models", flux["lora"], "--ratios", "0.6",
+                "--clip_l", flux["clip_l"], "--clip_l_save_to", theirs["clip_l"], "--t5xxl", flux["t5xxl"],
+                "--t5xxl_save_to", theirs["t5xxl"], "--save_to", theirs["transformer"], "--working_device", "cpu"])
+    for role in roles:
+        expected, got, original = load_file(ours[role]), load_file(theirs[role]), load_file(flux[role])
+        assert expected.keys() == got.keys()
+        assert any(not torch.equal(expected[key], original[key]) for key in expected), role  # the LoRA landed
+        for key, weight in expected.items():
+            assert torch.equal(got[key], weight), key
+
+
 def test_text_encoder_modules_without_their_files_are_an_error(flux, tmp_path):
     with pytest.raises(UserError, match="need the text-encoder files: --text_encoders clip_l.safetensors t5xxl"):
         merge_lora(["--flux", "--model", flux["transformer"], "--loras", flux["lora"],

@@ -11,7 +11,8 @@ Salesforce/blip-image-captioning-base or -large). `--model` is a local folder or
 HF_HUB_OFFLINE=1 a hub id comes from the local Hugging Face cache only. The kind of model is read from
 its config.json. Images are found recursively (`--no-recursive` keeps to the top folder); a caption is
 written next to its image as `<stem><caption_extension>`, atomically. Existing caption files are kept
-(and counted) unless `--overwrite`; unreadable images are reported and skipped.
+(and counted) unless `--overwrite`; unreadable images are reported and skipped. Images are listed as
+training lists them (library/data/image_entries.list_image_files: hidden files and folders left out).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ logger = logging.getLogger("caption_images")
 DEFAULT_MODEL = "florence-community/Florence-2-large"
 FLORENCE_TASKS = {"caption": "<CAPTION>", "detailed_caption": "<DETAILED_CAPTION>",
                   "more_detailed_caption": "<MORE_DETAILED_CAPTION>"}
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_length", type=int, default=256, help="most tokens in a caption (default: 256)")
     parser.add_argument("--min_length", type=int, default=0, help="fewest tokens in a caption (default: 0)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="model dtype (default: float16 on a GPU, float32 on the CPU)")
     return parser
 
@@ -115,7 +116,7 @@ def choose_device_and_dtype(args: argparse.Namespace):
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = args.dtype or ("float16" if device.type == "cuda" else "float32")
-    return device, getattr(torch, DTYPES[name])
+    return device, getattr(torch, name)
 
 
 class Captioner:
@@ -179,19 +180,6 @@ def load_captioner(args: argparse.Namespace) -> Captioner:
 
 
 # --------------------------------------------------------------------------------------------- images
-
-
-def find_images(image_dir: str, recursive: bool) -> list[str]:
-    from library.data.images import is_image_file
-
-    if not recursive:
-        names = sorted(os.listdir(image_dir))
-        return [os.path.join(image_dir, n) for n in names if is_image_file(n) and os.path.isfile(os.path.join(image_dir, n))]
-    found = []
-    for folder, subfolders, names in os.walk(image_dir):
-        subfolders.sort()
-        found += [os.path.join(folder, name) for name in sorted(names) if is_image_file(name)]
-    return found
 
 
 def caption_path(image_path: str, extension: str) -> str:
@@ -261,11 +249,13 @@ def caption_images(argv: list[str]) -> CaptionCounts:
     """Parse the flags, caption the images that need it; returns the counts."""
     from tqdm.auto import tqdm
 
+    from library.data.image_entries import list_image_files
+
     args = build_parser().parse_args(argv)
     check_args(args)
     counts = CaptionCounts()
     todo = []
-    for path in find_images(args.image_dir, args.recursive):
+    for path in list_image_files(args.image_dir, args.recursive):
         if os.path.exists(caption_path(path, args.caption_extension)) and not args.overwrite:
             counts.kept += 1
         else:
